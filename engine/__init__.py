@@ -1,0 +1,1 @@
+"""XLT engine: configuration, data pipeline, training loop, phases, checkpoints, progress."""

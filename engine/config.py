@@ -1,0 +1,225 @@
+"""The run configuration: typed sections, loaded from defaults, then a TOML file, then dotted CLI
+overrides (`--section.key value`). Unknown sections or keys and ill-typed values are errors that name
+the file or option and what was expected. The resolved config is written back as TOML beside the run."""
+from __future__ import annotations
+
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from eval.synthetic.world import DEFAULT_LANGUAGES, TARGET_TASKS
+
+from .pretrain import MLMConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or command line (exit code 2)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    out: str = ""  # default: runs/<name>
+    cache_dir: str = ""  # pretrained-model cache; "" = $XLT_CACHE or ~/.cache/xlt; "none" = no cache
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the hardware computes it natively
+    console: bool = True
+
+
+@dataclass
+class WorldConfig:
+    """The built-in synthetic multilingual suite."""
+    seed: int = 0
+    languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))
+    sizes: dict = field(default_factory=dict)  # task -> [train, dev, test] rows
+    code_switch_rate: float = 0.2  # share of content words written in English in non-English corpora
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "xlt-tiny"
+    kernels: str = "auto"  # auto | torch | triton
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0  # XLM-R fine-tunes with 0.1; 0 keeps the CPU twin fast
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_len: int = 128
+    evals_per_epoch: int = 1  # dev evaluations (for best-checkpoint selection) per epoch
+    log_every: int = 50
+    overrides: dict = field(default_factory=dict)  # task -> {key: value} for that task only
+
+    def for_task(self, task: str) -> "FinetuneConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "overrides"}
+        values.update(self.overrides.get(task, {}))
+        return FinetuneConfig(**values)
+
+
+@dataclass
+class ProtocolConfig:
+    # One condition per entry: "baseline" (no intermediate task) or an intermediate task's name.
+    conditions: list[str] = field(default_factory=lambda: ["baseline", "syn-mnli", "syn-squad"])
+    targets: list[str] = field(default_factory=lambda: list(TARGET_TASKS))
+    languages: list[str] = field(default_factory=list)  # evaluation languages; [] = all of the world's
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    retrieval_layer: int = -1  # hidden layer for retrieval embeddings; -1 = the middle layer
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: MLMConfig = field(default_factory=MLMConfig)
+    # Extractive QA learns slowest at this size: more epochs and a higher learning rate for it.
+    intermediate: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        epochs=2.0, overrides={"syn-squad": {"epochs": 3.0, "lr": 1e-3}}))
+    target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        overrides={"syn-xquad": {"epochs": 6.0, "lr": 1e-3}}))
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def out_dir(self) -> Path:
+        return Path(self.run.out or Path("runs") / self.run.name)
+
+
+# ----- typed assignment ------------------------------------------------------------------------------------
+def _coerce(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):  # CLI shorthand: a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return value
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} at {where}")
+
+
+def _set(obj, key: str, value, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        known = ", ".join(f.name for f in fields(obj))
+        raise ConfigError(f"{where}: unknown key {key!r}; known keys: {known}")
+    current = getattr(obj, key)
+    if is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a [{key}] table")
+        for k, v in value.items():
+            _set(current, k, v, f"{where}.{k}")
+        return
+    setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def load(path: str | None, overrides: list[tuple[str, str]]) -> Config:
+    """Defaults <- TOML file <- `--section.key value` overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        for section, value in data.items():
+            _set(cfg, section, value, f"{path}: {section}")
+    for dotted, raw in overrides:
+        parts = dotted.split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"--{dotted}: options take the form --section.key value")
+        target = cfg
+        for part in parts[:-2]:
+            if not hasattr(target, part) or not is_dataclass(getattr(target, part)):
+                raise ConfigError(f"--{dotted}: unknown section {part!r}")
+            target = getattr(target, part)
+        section, key = parts[-2], parts[-1]
+        if not is_dataclass(target) or not hasattr(target, section) or not is_dataclass(getattr(target, section)):
+            raise ConfigError(f"--{dotted}: unknown section {section!r}; sections: "
+                              f"{', '.join(f.name for f in fields(Config))}")
+        _set(getattr(target, section), key, _parse_literal(raw), f"--{dotted}")
+    return cfg
+
+
+def _parse_literal(raw: str):
+    """A CLI value as TOML would read it (numbers, booleans, [lists]); otherwise the plain string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+# ----- writing --------------------------------------------------------------------------------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: Config) -> str:
+    lines = []
+    for section in fields(cfg):
+        lines.append(f"[{section.name}]")
+        obj = getattr(cfg, section.name)
+        for f in fields(obj):
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Tokenize task rows into model inputs, and collate them into right-padded batches.
+
+Works with any Hugging Face fast tokenizer (the synthetic suite's WordPiece one, XLM-R's SentencePiece
+one, mBERT's WordPiece one). One `featurize_*` per task format; every feature is a dict of plain lists
+and ints, so datasets are cheap to shuffle and batch.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from eval.tasks import TaskSpec
+from models import IGNORE
+
+
+def _pair_inputs(tokenizer, first, second, max_len: int) -> dict:
+    enc = tokenizer(first, second, truncation="longest_first" if second is not None else True, max_length=max_len)
+    out = {"input_ids": enc["input_ids"]}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
+
+
+def featurize_pair(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+    firsts = [r["sentence1"] for r in rows]
+    seconds = [r["sentence2"] for r in rows] if rows and rows[0].get("sentence2") is not None else None
+    enc = _pair_inputs(tokenizer, firsts, seconds, max_len)
+    feats = []
+    for i, row in enumerate(rows):
+        if not 0 <= row["label"] < len(task.labels):
+            raise ValueError(f"{task.name}: row {i}: label {row['label']} is not in 0..{len(task.labels) - 1}")
+        feats.append({k: v[i] for k, v in enc.items()} | {"labels": row["label"], "example": i})
+    return feats
+
+
+def featurize_tagging(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """First subword of each word carries the word's label (XTREME's convention). A sentence longer than
+    max_len subwords is split into word-aligned chunks whose predictions are merged back at decoding, so
+    no word is ever truncated out of the score."""
+    tag_id = {t: i for i, t in enumerate(task.labels)}
+    budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
+    feats = []
+    for i, row in enumerate(rows):
+        tokens, tags = row["tokens"], row["tags"]
+        if len(tokens) != len(tags):
+            raise ValueError(f"{task.name}: row {i}: {len(tokens)} tokens but {len(tags)} tags")
+        unknown = sorted({t for t in tags if t not in tag_id})
+        if unknown:
+            raise ValueError(f"{task.name}: row {i}: unknown tag(s) {unknown}; expected {list(task.labels)}")
+        sizes = [max(1, len(tokenizer.tokenize(w))) for w in tokens] if tokens else []
+        start = 0
+        while start < len(tokens) or (start == 0 and not tokens):
+            end, used = start, 0
+            while end < len(tokens) and (used + sizes[end] <= budget or end == start):
+                used += sizes[end]
+                end += 1
+            enc = tokenizer(tokens[start:end], is_split_into_words=True, truncation=True, max_length=max_len)
+            word_ids = enc.word_ids()
+            labels, first_of = [], []
+            prev = None
+            for w in word_ids:
+                is_first = w is not None and w != prev
+                labels.append(tag_id[tags[start + w]] if is_first else IGNORE)
+                first_of.append(start + w if is_first else -1)
+                prev = w
+            feats.append({"input_ids": enc["input_ids"], "labels": labels, "word_index": first_of, "example": i})
+            if not tokens:
+                break
+            start = end
+    return feats
+
+
+def featurize_qa(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, stride: int = 128) -> list[dict]:
+    """SQuAD-style windows over long contexts (doc stride). The answer's first and last subword give the
+    start and end positions; a window without the whole answer points at the first token (index 0)."""
+    questions = [r["question"].lstrip() for r in rows]
+    contexts = [r["context"] for r in rows]
+    enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_len,
+                    stride=min(stride, max_len // 2), return_overflowing_tokens=True, return_offsets_mapping=True)
+    feats = []
+    for j, example in enumerate(enc["overflow_to_sample_mapping"]):
+        row = rows[example]
+        seq_ids = enc.sequence_ids(j)
+        offsets = [off if seq_ids[t] == 1 else None for t, off in enumerate(enc["offset_mapping"][j])]
+        start_pos = end_pos = 0
+        answers = row["answers"]
+        if answers["text"]:
+            a_start = answers["answer_start"][0]
+            a_end = a_start + len(answers["text"][0])
+            ctx = [t for t, off in enumerate(offsets) if off is not None]
+            if ctx and offsets[ctx[0]][0] <= a_start and offsets[ctx[-1]][1] >= a_end:
+                start_pos = next(t for t in ctx if offsets[t][1] > a_start)
+                end_pos = max(t for t in ctx if offsets[t][0] < a_end)
+        feat = {"input_ids": enc["input_ids"][j], "start_positions": start_pos, "end_positions": end_pos,
+                "offsets": offsets, "example": example}
+        if "token_type_ids" in enc:
+            feat["token_type_ids"] = enc["token_type_ids"][j]
+        feats.append(feat)
+    return feats
+
+
+def featurize_choice(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+    feats = []
+    for i, row in enumerate(rows):
+        if len(row["endings"]) != task.num_choices:
+            raise ValueError(f"{task.name}: row {i}: {len(row['endings'])} endings, expected {task.num_choices}")
+        enc = _pair_inputs(tokenizer, [row["context"]] * task.num_choices, list(row["endings"]), max_len)
+        choices = [{k: v[c] for k, v in enc.items()} for c in range(task.num_choices)]
+        feats.append({"choices": choices, "labels": row["label"], "example": i})
+    return feats
+
+
+FEATURIZERS = {"pair": featurize_pair, "tagging": featurize_tagging, "qa": featurize_qa,
+               "choice": featurize_choice}
+
+
+def featurize(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+    if task.format not in FEATURIZERS:
+        raise ValueError(f"{task.name}: format {task.format!r} is not trained (retrieval needs no features)")
+    return FEATURIZERS[task.format](task, rows, tokenizer, max_len)
+
+
+# ----- batching ----------------------------------------------------------------------------------------
+_SEQUENCE_KEYS = ("input_ids", "token_type_ids", "labels", "special_tokens_mask")
+
+
+def collate(feats: list[dict], pad_id: int) -> dict:
+    """Right-pad sequences into tensors; 'lengths' gives each sequence's real length."""
+    if "choices" in feats[0]:  # multiple choice: flatten (batch, choice) into rows
+        batch = collate([c for f in feats for c in f["choices"]], pad_id)
+        batch["labels"] = torch.tensor([f["labels"] for f in feats])
+        batch["num_choices"] = len(feats[0]["choices"])
+        batch["example"] = [f["example"] for f in feats]
+        return batch
+    width = max(len(f["input_ids"]) for f in feats)
+    batch: dict = {"lengths": torch.tensor([len(f["input_ids"]) for f in feats])}
+    for key in feats[0]:
+        values = [f[key] for f in feats]
+        if key in _SEQUENCE_KEYS and isinstance(values[0], list):
+            fill = pad_id if key == "input_ids" else IGNORE if key == "labels" else 0
+            batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
+        elif isinstance(values[0], int) and key != "example":
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values  # bookkeeping (example index, offsets, word index) stays on the host
+    return batch
+
+
+def batches(feats: list[dict], batch_size: int, pad_id: int, shuffle_rng: random.Random | None = None,
+            ) -> Iterator[dict]:
+    """Batches of similar length (less padding). With an rng: shuffled, then sorted by length within
+    windows of 50 batches, and the batch order shuffled again."""
+    def size(f):
+        return len(f["input_ids"]) if "input_ids" in f else max(len(c["input_ids"]) for c in f["choices"])
+
+    order = list(range(len(feats)))
+    if shuffle_rng is None:
+        order.sort(key=lambda i: size(feats[i]))
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        shuffle_rng.shuffle(order)
+        window = batch_size * 50
+        groups = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda i: size(feats[i]))
+            groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        shuffle_rng.shuffle(groups)
+    for g in groups:
+        yield collate([feats[i] for i in g], pad_id)
+
+
+def num_batches(num_feats: int, batch_size: int) -> int:
+    return -(-num_feats // batch_size)

@@ -1,0 +1,113 @@
+"""Run a model over task rows, decode predictions in each task's native form, and score them with
+`eval.metrics` (the XTREME metrics). Retrieval uses the encoder alone: mean-pooled hidden states of
+one layer, nearest neighbour by cosine similarity."""
+from __future__ import annotations
+
+import torch
+
+from eval import metrics
+from eval.tasks import TaskSpec
+from models import Encoder, TaskModel
+
+from .data import batches, featurize
+
+MAX_ANSWER_TOKENS = 30  # SQuAD's usual bound on predicted answer length, in subwords
+TOP_SPANS = 20
+
+
+@torch.no_grad()
+def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict], batch_size: int, pad_id: int):
+    """Predictions for `rows`: label ids (pair, choice), tag lists (tagging), {id: answer} (qa)."""
+    model.eval()
+    if task.format in ("pair", "choice"):
+        preds = [0] * len(rows)
+        for batch in batches(feats, batch_size, pad_id):
+            for ex, p in zip(batch["example"], model(batch)["logits"].argmax(-1).tolist()):
+                preds[ex] = p
+        return preds
+    if task.format == "tagging":
+        tags: list[list[str | None]] = [[None] * len(r["tokens"]) for r in rows]
+        for batch in batches(feats, batch_size, pad_id):
+            best = model(batch)["logits"].argmax(-1).tolist()
+            for ex, words, labels in zip(batch["example"], batch["word_index"], best):
+                for w, label in zip(words, labels):
+                    if w >= 0:
+                        tags[ex][w] = task.labels[label]
+        # A word whose subwords were all cut (cannot happen with word-aligned chunks) would score as O.
+        return [[t or "O" for t in sent] for sent in tags]
+    if task.format == "qa":
+        best: dict[int, tuple[float, str]] = {}
+        for batch in batches(feats, batch_size, pad_id):
+            out = model(batch)
+            for ex, offsets, s_log, e_log in zip(batch["example"], batch["offsets"], out["start_logits"],
+                                                 out["end_logits"]):
+                span = _best_span(offsets, s_log, e_log)
+                if span is not None and (ex not in best or span[0] > best[ex][0]):
+                    context = rows[ex]["context"]
+                    best[ex] = (span[0], context[span[1]:span[2]])
+        return {row["id"]: best.get(i, (0.0, ""))[1] for i, row in enumerate(rows)}
+    raise ValueError(f"{task.name}: no predictions for format {task.format}")
+
+
+def _best_span(offsets, start_logits, end_logits):
+    """Highest start+end logit over valid context spans: (score, char_start, char_end) or None."""
+    n = len(offsets)
+    s_top = start_logits[:n].topk(min(TOP_SPANS, n)).indices.tolist()
+    e_top = end_logits[:n].topk(min(TOP_SPANS, n)).indices.tolist()
+    best = None
+    for s in s_top:
+        for e in e_top:
+            if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > MAX_ANSWER_TOKENS:
+                continue
+            score = float(start_logits[s] + end_logits[e])
+            if best is None or score > best[0]:
+                best = (score, offsets[s][0], offsets[e][1])
+    return best
+
+
+def gold(task: TaskSpec, rows: list[dict]):
+    """The references in the form eval.metrics expects for this task's format."""
+    if task.format in ("pair", "choice"):
+        return [r["label"] for r in rows]
+    if task.format == "tagging":
+        return [r["tags"] for r in rows]
+    if task.format == "qa":
+        return {r["id"]: list(r["answers"]["text"]) for r in rows}
+    raise ValueError(f"{task.name}: no references for format {task.format}")
+
+
+def evaluate_task(model: TaskModel, task: TaskSpec, rows: list[dict], tokenizer, max_len: int,
+                  batch_size: int, lang: str | None = None, feats: list[dict] | None = None) -> tuple[dict, object]:
+    """(scores, predictions) of `model` on `rows`; scores holds "score" (0-100) and the metric's parts.
+    Pass `feats` (from engine.data.featurize) to skip tokenizing again, e.g. for repeated dev evaluations."""
+    if feats is None:
+        feats = featurize(task, rows, tokenizer, max_len)
+    preds = predict(model, task, rows, feats, batch_size, tokenizer.pad_token_id)
+    return metrics.score(task.metric, preds, gold(task, rows), lang=lang), preds
+
+
+@torch.no_grad()
+def embed(encoder: Encoder, tokenizer, sentences: list[str], layer: int, max_len: int, batch_size: int):
+    """Mean over all tokens (special tokens included, as XTREME does for XLM-R) of hidden layer `layer`
+    (0 = embeddings, num_layers = last)."""
+    encoder.eval()
+    out = torch.empty(len(sentences), encoder.cfg.hidden_size)
+    enc = tokenizer(sentences, truncation=True, max_length=max_len)
+    feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
+    for batch in batches(feats, batch_size, tokenizer.pad_token_id):
+        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_hidden_states=True)[layer]
+        mask = (torch.arange(states.shape[1])[None, :] < batch["lengths"][:, None]).float()
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out[batch["example"]] = pooled.float()
+    return out
+
+
+def evaluate_retrieval(encoder: Encoder, task: TaskSpec, rows: list[dict], tokenizer, layer: int, max_len: int,
+                       batch_size: int) -> tuple[dict, list[int]]:
+    """Tatoeba-style: for each source sentence, the index of the nearest target sentence."""
+    src = torch.nn.functional.normalize(embed(encoder, tokenizer, [r["source"] for r in rows], layer, max_len,
+                                              batch_size), dim=-1)
+    tgt = torch.nn.functional.normalize(embed(encoder, tokenizer, [r["target"] for r in rows], layer, max_len,
+                                              batch_size), dim=-1)
+    preds = (src @ tgt.t()).argmax(dim=1).tolist()
+    return metrics.score(task.metric, preds, list(range(len(rows)))), preds

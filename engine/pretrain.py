@@ -1,0 +1,161 @@
+"""The stand-in for XLM-R in the embedded default: a WordPiece tokenizer trained on the synthetic
+multilingual corpus, and a small encoder pretrained on it with masked LM. The result is cached on disk,
+keyed by everything that determines it (configs and the generator's code), so a second run reuses it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from eval.synthetic import SyntheticWorld
+from models import IGNORE, Encoder, EncoderConfig, TaskModel, make_head
+
+from .checkpoint import load_encoder, save_encoder
+from .progress import PhaseLogger, say
+from .trainer import LoopConfig, repeat, train_loop
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer (no lowercasing or accent stripping: scripts stay as written)."""
+    tok = Tokenizer(tok_models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+@dataclass
+class MLMConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    seq_len: int = 64
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    mask_prob: float = 0.15
+    dropout: float = 0.0  # hidden and attention dropout while pretraining (fine-tuning sets its own)
+    vocab_size: int = 2000
+    documents_per_language: int = 8000
+    log_every: int = 100
+
+
+def pack_corpus(world: SyntheticWorld, tokenizer, cfg: MLMConfig) -> list[list[int]]:
+    """Monolingual sequences of seq_len tokens: [CLS] tokens... [SEP], documents separated by [SEP]."""
+    body = cfg.seq_len - 2
+    sequences = []
+    for lang in world.codes:
+        stream: list[int] = []
+        for ids in tokenizer(world.corpus(lang, cfg.documents_per_language), add_special_tokens=False)["input_ids"]:
+            stream += ids + [tokenizer.sep_token_id]
+        for i in range(0, len(stream) - body + 1, body):
+            sequences.append([tokenizer.cls_token_id] + stream[i:i + body] + [tokenizer.sep_token_id])
+    return sequences
+
+
+def mask_batch(seqs: list[list[int]], tokenizer, mask_prob: float, gen: torch.Generator) -> dict:
+    """BERT masking: mask_prob of the non-special tokens are predicted; of those 80% become [MASK],
+    10% a random token, 10% stay."""
+    ids = torch.tensor(seqs)
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    chosen = (torch.rand(ids.shape, generator=gen) < mask_prob) & ~special
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    action = torch.rand(ids.shape, generator=gen)
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, tokenizer.mask_token_id), ids)
+    random_ids = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), ids.shape, generator=gen)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    return {"input_ids": inputs, "labels": labels, "lengths": torch.full((ids.shape[0],), ids.shape[1])}
+
+
+def _source_digest() -> str:
+    """Hash of the code that determines the pretrained model, so the cache never serves stale results."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "eval" / "synthetic").glob("*.py")) + [Path(__file__).resolve()]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, bf16: bool) -> str:
+    blob = json.dumps({"world_seed": world.seed, "languages": world.codes, "code_switch": world.code_switch_rate,
+                       "model": model_cfg.to_dict(),
+                       "mlm": asdict(cfg), "seed": seed, "bf16": bf16, "code": _source_digest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XLT_CACHE", Path.home() / ".cache" / "xlt"))
+
+
+def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, cache_dir: Path | None,
+             log_dir: Path | None = None, bf16: bool = False) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
+    """Return (encoder, tokenizer, info), from the cache when this exact pretraining was done before."""
+    key = cache_key(world, model_cfg, cfg, seed, bf16)
+    target = cache_dir / f"pretrain-{key}" if cache_dir is not None else None
+    if target is not None and (target / "done.json").exists():
+        say(f"[pretrain] reusing cached model {target}")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(target / "tokenizer")
+        encoder = load_encoder(target / "encoder")
+        return encoder, tokenizer, json.loads((target / "done.json").read_text()) | {"cached": True}
+
+    torch.manual_seed(seed)
+    texts = [doc for lang in world.codes for doc in world.corpus(lang, 2000, stream=1)]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    model_cfg = replace(model_cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout)
+    sequences = pack_corpus(world, tokenizer, cfg)
+    say(f"[pretrain] {len(tokenizer)}-token vocabulary; {len(sequences)} sequences of {cfg.seq_len} tokens "
+        f"in {len(world.codes)} languages; {model_cfg.num_parameters() / 1e6:.2f}M parameters")
+    encoder = Encoder(model_cfg)
+    model = TaskModel(encoder, make_head("mlm", model_cfg, encoder))
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+
+    def epoch(_: int):
+        order = list(range(len(sequences)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            yield mask_batch([sequences[j] for j in order[i:i + cfg.batch_size]], tokenizer, cfg.mask_prob, gen)
+
+    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                      log_every=cfg.log_every, bf16=bf16)
+    logger = PhaseLogger("pretrain", log_dir / "metrics.jsonl" if log_dir else None)
+    result = train_loop(model, repeat(epoch), loop, logger)
+    info = {"key": key, "steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
+            "tokens": result.tokens, "vocab_size": len(tokenizer)}
+    if target is not None:
+        _save_atomically(target, encoder, tokenizer, info)
+    return encoder, tokenizer, info | {"cached": False}
+
+
+def _save_atomically(target: Path, encoder: Encoder, tokenizer, info: dict) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_encoder(encoder, tmp / "encoder")
+        (tmp / "done.json").write_text(json.dumps(info, indent=1))
+        if target.exists():  # another run finished the same pretraining first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

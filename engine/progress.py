@@ -1,0 +1,77 @@
+"""Progress and metrics: a tqdm bar on a terminal, one console line per log step, JSONL always."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class PhaseLogger:
+    def __init__(self, phase: str, jsonl: Path | None = None, console: bool = True):
+        self.phase = phase
+        self.jsonl = jsonl
+        self.console = console
+        self.total = 0
+        self.bar = None
+        self.t0 = time.perf_counter()
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, total_steps: int) -> None:
+        self.total, self.t0 = total_steps, time.perf_counter()
+        if self.console and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, desc=self.phase, leave=False, dynamic_ncols=True)
+
+    def advance(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def log(self, **fields) -> None:
+        record = {"phase": self.phase, **fields}
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if not self.console:
+            return
+        parts = [f"[{self.phase}]"]
+        if "step" in fields and self.total:
+            parts.append(f"step {fields['step']}/{self.total}")
+        for key, value in fields.items():
+            if key in ("step", "elapsed_s", "best"):
+                continue
+            if key == "tokens_per_s":
+                parts.append(f"{value / 1000:.1f}k tok/s")
+            elif isinstance(value, float):
+                parts.append(f"{key} {value:.4g}")
+            else:
+                parts.append(f"{key} {value}")
+        if fields.get("best"):
+            parts.append("(best so far)")
+        if "elapsed_s" in fields and self.total and fields.get("step"):
+            elapsed = fields["elapsed_s"]
+            eta = elapsed / fields["step"] * (self.total - fields["step"])
+            parts.append(f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+        line = "  ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def say(message: str) -> None:
+    """A plain progress message on the console (phase headers, summaries)."""
+    print(message, flush=True)

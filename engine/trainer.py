@@ -1,0 +1,126 @@
+"""The training loop shared by every phase (MLM pretraining, intermediate task, target task).
+
+It reads top to bottom: build the optimizer and schedule, then for each step take a batch, forward,
+backward, clip, step; log every `log_every` steps; evaluate every `eval_every` steps (and at the end)
+and keep the best weights by the dev score. Nothing here knows about tasks or languages.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .progress import PhaseLogger
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate only at the end
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights, optimizer state and losses stay fp32)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    best_score: float | None
+    best_step: int | None
+    final_loss: float
+    seconds: float
+    tokens: int
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> tuple[torch.optim.Optimizer, object]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig, logger: PhaseLogger,
+               evaluate: Callable[[], float] | None = None) -> LoopResult:
+    """Train for cfg.steps batches drawn from `batches`. With `evaluate` (higher is better), the best
+    weights seen at an evaluation point are restored at the end."""
+    opt, sched = make_optimizer(model, cfg)
+    best_score, best_step, best_state = -math.inf, None, None
+    start, tokens, window_loss, window_n, loss_value = time.perf_counter(), 0, 0.0, 0, float("nan")
+    logger.start(cfg.steps)
+    for step in range(1, cfg.steps + 1):
+        model.train()
+        batch = next(batches)
+        with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(batch)
+        loss = out["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{logger.phase}: loss became {loss_value} at step {step}")
+        tokens += int(batch["lengths"].sum())
+        window_loss, window_n = window_loss + loss_value, window_n + 1
+        logger.advance(loss_value)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - start
+            logger.log(step=step, loss=window_loss / window_n, lr=sched.get_last_lr()[0],
+                       tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
+            window_loss, window_n = 0.0, 0
+        if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            score = evaluate()
+            improved = score > best_score
+            if improved:
+                best_score, best_step = score, step
+                best_state = copy.deepcopy(model.state_dict())
+            logger.log(step=step, dev_score=score, best=improved)
+    logger.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return LoopResult(cfg.steps, best_score if best_step else None, best_step, loss_value,
+                      time.perf_counter() - start, tokens)
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 autocast pays off where the hardware has bf16 arithmetic (Ampere+ GPUs; CPUs with
+    AVX512-BF16 or AMX); elsewhere it is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def repeat(make_epoch: Callable[[int], Iterator[dict]]) -> Iterator[dict]:
+    """An endless stream of batches: epoch 0, epoch 1, ... each made fresh (reshuffled)."""
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1

@@ -1,0 +1,47 @@
+"""Tasks are data: a task names its format, labels, metric and languages; loaders yield rows.
+
+Row layouts per format (the Hugging Face `datasets` layouts of the XTREME tasks, so real and synthetic
+tasks flow through the same pipeline):
+- pair:      {"sentence1": str, "sentence2": str | None, "label": int}          (XNLI, PAWS-X)
+- tagging:   {"tokens": [str], "tags": [str]}                                  (UD-POS, PAN-X)
+- qa:        {"id": str, "context": str, "question": str,
+              "answers": {"text": [str], "answer_start": [int]}}               (SQuAD, XQuAD, MLQA)
+- choice:    {"context": str, "endings": [str], "label": int}                  (HellaSwag, XCOPA)
+- retrieval: {"source": str, "target": str}, row i of a language aligned with row i  (Tatoeba)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMATS = ("pair", "tagging", "qa", "choice", "retrieval")
+CATEGORIES = ("classification", "structured prediction", "question answering", "retrieval")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    format: str
+    metric: str  # a name known to eval.metrics.score
+    languages: tuple[str, ...]  # languages with test data (English first)
+    labels: tuple[str, ...] = ()  # class names (pair, choice has none) or tag set (tagging)
+    num_choices: int = 0
+    category: str = ""
+    role: str = "target"  # target | intermediate
+    description: str = ""
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"task {self.name}: format {self.format!r}: expected one of {', '.join(FORMATS)}")
+
+    @property
+    def needs_training(self) -> bool:
+        return self.format != "retrieval"
+
+    @property
+    def chance(self) -> float:
+        """Score of a uniform random guess (0-100) where it is well defined, for sanity checks."""
+        if self.format == "pair":
+            return 100.0 / len(self.labels)
+        if self.format == "choice":
+            return 100.0 / self.num_choices
+        return 0.0

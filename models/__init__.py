@@ -1,0 +1,7 @@
+"""XLT encoders (BERT / XLM-R compatible), task heads, size presets."""
+from .config import PRESETS, EncoderConfig, preset
+from .encoder import Encoder, lengths_from_mask
+from .heads import IGNORE, MaskedLMHead, TaskModel, make_head
+
+__all__ = ["IGNORE", "PRESETS", "EncoderConfig", "Encoder", "MaskedLMHead", "TaskModel", "lengths_from_mask",
+           "make_head", "preset"]

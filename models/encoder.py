@@ -1,0 +1,143 @@
+"""The XLT encoder: BERT / XLM-R compatible, single-device, calling only `kernels` for attention.
+
+Post-layer-norm blocks (BERT, XLM-R base/large) or pre-layer-norm blocks with a final norm (XLM-R XL/XXL).
+Inputs are right-padded batches; padding is given to the attention kernel as per-sequence lengths.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from dataclasses import replace
+
+from .config import EncoderConfig
+
+
+def lengths_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 mask of right-padded sequences -> (B,) lengths; other layouts are rejected."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError("attention_mask must describe right-padded sequences (ones, then zeros); "
+                         "tokenize with padding_side='right'")
+    return lengths
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.position_style == "roberta":  # as HF: real tokens count from pad+1, pads get pad
+            real = (input_ids != self.cfg.pad_token_id).long()
+            return torch.cumsum(real, dim=1) * real + self.cfg.pad_token_id
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def forward(self, input_ids, token_type_ids=None):
+        if input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
+                             f"{self.cfg.max_seq_len} (max_position_embeddings)")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.position(self.position_ids(input_ids)) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg = cfg
+        self.q, self.k, self.v, self.o = (nn.Linear(h, h) for _ in range(4))
+
+    def forward(self, x, lengths):
+        B, S, _ = x.shape
+        heads, d = self.cfg.num_heads, self.cfg.head_dim
+        q, k, v = (proj(x).view(B, S, heads, d).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        p = self.cfg.attention_dropout if self.training else 0.0
+        out = kernels.attention(q, k, v, lengths=lengths, dropout_p=p, backend=self.cfg.kernel_backend)
+        return self.o(out.transpose(1, 2).reshape(B, S, heads * d))
+
+
+class FeedForward(nn.Module):
+    """The dense FFN (an MoE FFN with the same interface can replace it)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_layer_norm
+        self.attn = SelfAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, lengths):
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), lengths))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, lengths)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
+        self.apply(self._init_weights)
+
+    def with_config(self, **changes) -> "Encoder":
+        """A copy with some config fields changed (dropout, kernel backend) and the same weights."""
+        other = Encoder(replace(self.cfg, **changes))
+        other.load_state_dict(self.state_dict())
+        return other
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit layer norms.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, lengths=None,
+                output_hidden_states=False):
+        """Returns the last hidden states (B, S, H), or with output_hidden_states the list of the
+        embeddings output and every layer's output (HF's `hidden_states`, last one normed if pre-LN)."""
+        if lengths is None:
+            lengths = (lengths_from_mask(attention_mask) if attention_mask is not None
+                       else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device))
+        x = self.embeddings(input_ids, token_type_ids)
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, lengths)
+            states.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            states[-1] = x
+        return states if output_hidden_states else x

@@ -1,0 +1,156 @@
+"""Task heads on top of the encoder. Losses go through `kernels.cross_entropy` /
+`kernels.linear_cross_entropy`, so the fused kernels serve every head.
+
+Each head maps the encoder's last hidden states (B, S, H) and the batch to {"logits", "loss"?}; the
+loss is present when the batch has labels. Label value -100 is ignored everywhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .config import EncoderConfig
+from .encoder import Encoder
+
+IGNORE = -100
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, backend: str) -> torch.Tensor:
+    return kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 ignore_index=IGNORE, backend=backend)
+
+
+class SequenceClassificationHead(nn.Module):
+    """RoBERTa-style: dense + tanh on the first token, then the output projection."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int):
+        super().__init__()
+        self.backend = cfg.kernel_backend
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.out = nn.Linear(cfg.hidden_size, num_labels)
+
+    def forward(self, hidden, batch):
+        x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
+        logits = self.out(self.dropout(x))
+        out = {"logits": logits}
+        if "labels" in batch:
+            out["loss"] = _ce(logits, batch["labels"], self.backend)
+        return out
+
+
+class TokenClassificationHead(nn.Module):
+    """A label per token; the data pipeline labels first subwords only (others get -100), as XTREME."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int):
+        super().__init__()
+        self.backend = cfg.kernel_backend
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.out = nn.Linear(cfg.hidden_size, num_labels)
+
+    def forward(self, hidden, batch):
+        logits = self.out(self.dropout(hidden))
+        out = {"logits": logits}
+        if "labels" in batch:
+            out["loss"] = _ce(logits, batch["labels"], self.backend)
+        return out
+
+
+class SpanQAHead(nn.Module):
+    """Start and end logits per token; the loss averages the start and end cross-entropies."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.backend = cfg.kernel_backend
+        self.out = nn.Linear(cfg.hidden_size, 2)
+
+    def forward(self, hidden, batch):
+        start, end = self.out(hidden).unbind(dim=-1)
+        out = {"start_logits": start, "end_logits": end}
+        if "start_positions" in batch:
+            out["loss"] = 0.5 * (_ce(start, batch["start_positions"], self.backend)
+                                 + _ce(end, batch["end_positions"], self.backend))
+        return out
+
+
+class MultipleChoiceHead(nn.Module):
+    """Each (context, ending) pair is encoded separately; a score per pair, softmax over the choices."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.backend = cfg.kernel_backend
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.out = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, hidden, batch):
+        num_choices = batch["num_choices"]
+        x = torch.tanh(self.dense(hidden[:, 0]))
+        logits = self.out(self.dropout(x)).view(-1, num_choices)
+        out = {"logits": logits}
+        if "labels" in batch:
+            out["loss"] = _ce(logits, batch["labels"], self.backend)
+        return out
+
+
+class MaskedLMHead(nn.Module):
+    """dense + GELU + LayerNorm, then the decoder tied to the word embeddings. The loss is computed on
+    the masked positions only, gathered before the vocabulary projection (fused linear cross-entropy)."""
+
+    def __init__(self, cfg: EncoderConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.backend = cfg.kernel_backend
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self._tied = [word_embeddings]  # a plain list: the tied weight stays owned by the encoder
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self._tied[0].weight
+
+    def transform(self, hidden):
+        return self.norm(F.gelu(self.dense(hidden)))
+
+    def forward(self, hidden, batch):
+        if "labels" not in batch:  # prediction: full logits
+            return {"logits": self.transform(hidden) @ self.decoder_weight.t() + self.bias}
+        labels = batch["labels"].reshape(-1)
+        picked = (labels != IGNORE).nonzero().squeeze(1)
+        h = self.transform(hidden.reshape(-1, hidden.shape[-1])[picked])
+        loss = kernels.linear_cross_entropy(h, self.decoder_weight, self.bias, labels[picked],
+                                            ignore_index=IGNORE, backend=self.backend)
+        return {"loss": loss, "num_masked": picked.numel()}
+
+
+def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int = 0) -> nn.Module:
+    """kind: pair | tagging | qa | choice | mlm (the task formats of eval.tasks, plus mlm)."""
+    if kind == "pair":
+        return SequenceClassificationHead(cfg, num_labels)
+    if kind == "tagging":
+        return TokenClassificationHead(cfg, num_labels)
+    if kind == "qa":
+        return SpanQAHead(cfg)
+    if kind == "choice":
+        return MultipleChoiceHead(cfg)
+    if kind == "mlm":
+        return MaskedLMHead(cfg, encoder.embeddings.word)
+    raise ValueError(f"unknown head kind {kind!r}: expected pair, tagging, qa, choice or mlm")
+
+
+class TaskModel(nn.Module):
+    """An encoder with one head. The encoder object is shared, not copied, when handed between phases."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        head.apply(Encoder._init_weights)
+
+    def forward(self, batch: dict) -> dict:
+        hidden = self.encoder(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                              lengths=batch["lengths"])
+        return self.head(hidden, batch)

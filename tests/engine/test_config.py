@@ -1,0 +1,77 @@
+"""Configuration: defaults <- TOML <- dotted CLI overrides; every mistake names itself and exits 2."""
+import pytest
+
+from engine import config as C
+from engine.train import main, parse_args
+
+
+def test_overrides_are_typed_and_layered(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[run]\nname = "x"\nseed = 3\n[target]\nlr = 0.001\noverrides = {syn-pos = {epochs = 1}}\n')
+    cfg = C.load(str(f), [("run.seed", "5"), ("target.epochs", "2.5"), ("protocol.conditions", "baseline,syn-swag"),
+                          ("world.languages", '["en", "qso"]'), ("run.console", "false")])
+    assert (cfg.run.name, cfg.run.seed, cfg.target.lr, cfg.target.epochs) == ("x", 5, 0.001, 2.5)
+    assert cfg.protocol.conditions == ["baseline", "syn-swag"] and cfg.world.languages == ["en", "qso"]
+    assert cfg.run.console is False
+    assert cfg.target.for_task("syn-pos").epochs == 1 and cfg.target.for_task("syn-xnli").epochs == 2.5
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = C.load(None, [("target.overrides", "{syn-pos = {epochs = 1}}"), ("run.name", 'a "quoted" name')])
+    f = tmp_path / "resolved.toml"
+    f.write_text(C.to_toml(cfg))
+    assert C.load(str(f), []) == cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([("run.bogus", "1")], "unknown key 'bogus'"),
+    ([("nosection.key", "1")], "unknown section 'nosection'"),
+    ([("run.seed", "abc")], r"--run.seed: expected an integer, got 'abc'"),
+    ([("target.lr", "true")], "expected a number"),
+    ([("run.console", "maybe")], "expected true or false"),
+    ([("seed", "1")], "options take the form --section.key value"),
+])
+def test_bad_overrides_name_the_option(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, overrides)
+
+
+def test_bad_file_names_the_file_and_key(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[model]\npreset = 3\n")
+    with pytest.raises(C.ConfigError, match=r"bad.toml: model.preset: expected a string"):
+        C.load(str(f), [])
+    f.write_text("[model\n")
+    with pytest.raises(C.ConfigError, match="invalid TOML"):
+        C.load(str(f), [])
+    with pytest.raises(C.ConfigError, match="no such file"):
+        C.load(str(tmp_path / "missing.toml"), [])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--protocol.targets", "syn-bogus"], "unknown target task 'syn-bogus'"),
+    (["--protocol.languages", "en,xx"], "unknown language 'xx'"),
+    (["--protocol.conditions", "baseline,syn-xnli"], "unknown condition 'syn-xnli'"),
+    (["--world.languages", "en,zz"], "unknown synthetic language"),
+    (["--model.preset", "huge"], "unknown model preset 'huge'"),
+    (["--target.overrides", "{syn-nope = {epochs = 1}}"], "unknown task 'syn-nope'"),
+    (["--frobnicate", "1"], "unknown option --frobnicate"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--target.epochs"], "needs a value"),
+])
+def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out)] if argv[-1] != "--target.epochs" else argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_parse_args_forms():
+    cfg, overrides, printing = parse_args(["--config", "a.toml", "--target.lr=0.1", "--out", "d", "--print-config"])
+    assert cfg == "a.toml" and printing and overrides == [("target.lr", "0.1"), ("run.out", "d")]
+
+
+def test_print_config_validates_and_prints(capsys):
+    assert main(["--print-config", "--target.epochs", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "[target]" in printed and "epochs = 4.0" in printed

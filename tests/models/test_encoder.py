@@ -1,0 +1,100 @@
+"""The encoder and heads: shapes, padding invariance, losses, and that attention goes through kernels."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from models import IGNORE, Encoder, TaskModel, lengths_from_mask, make_head, preset
+
+
+def _cfg(**kw):
+    return preset("tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("style,pre_ln", [("absolute", False), ("roberta", False), ("roberta", True)])
+def test_padding_does_not_change_real_positions(style, pre_ln):
+    torch.manual_seed(0)
+    cfg = _cfg(position_style=style, pre_layer_norm=pre_ln, pad_token_id=1)
+    enc = Encoder(cfg).eval()
+    a = torch.randint(2, 50, (1, 7))
+    b = torch.randint(2, 50, (1, 4))
+    batch = torch.full((2, 7), cfg.pad_token_id)
+    batch[0], batch[1, :4] = a[0], b[0]
+    mask = (batch != cfg.pad_token_id).long()
+    together = enc(batch, attention_mask=mask)
+    torch.testing.assert_close(together[0], enc(a)[0])
+    torch.testing.assert_close(together[1, :4], enc(b)[0])
+
+
+def test_hidden_states_and_parameter_count():
+    cfg = _cfg()
+    enc = Encoder(cfg)
+    states = enc(torch.randint(0, 50, (2, 5)), output_hidden_states=True)
+    assert len(states) == cfg.num_layers + 1 and states[-1].shape == (2, 5, cfg.hidden_size)
+    assert sum(p.numel() for p in enc.parameters()) == cfg.num_parameters(include_pooler=False)
+
+
+def test_encoder_calls_the_attention_kernel(monkeypatch):
+    calls = []
+    real = kernels.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("lengths"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    cfg = _cfg()
+    Encoder(cfg)(torch.randint(0, 50, (2, 5)), lengths=torch.tensor([5, 3]))
+    assert len(calls) == cfg.num_layers and calls[0].tolist() == [5, 3]
+
+
+def test_left_padding_is_rejected():
+    with pytest.raises(ValueError, match="right-padded"):
+        lengths_from_mask(torch.tensor([[0, 1, 1]]))
+
+
+def test_too_long_input_names_the_limit():
+    cfg = _cfg()
+    with pytest.raises(ValueError, match="exceeds the model's maximum"):
+        Encoder(cfg)(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_mlm_loss_is_cross_entropy_on_masked_positions_only():
+    torch.manual_seed(1)
+    cfg = _cfg()
+    enc = Encoder(cfg)
+    model = TaskModel(enc, make_head("mlm", cfg, enc))
+    ids = torch.randint(5, 50, (3, 6))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 2], labels[2, 5] = 7, 9
+    batch = {"input_ids": ids, "labels": labels, "lengths": torch.tensor([6, 6, 6])}
+    out = model(batch)
+    logits = model.head(enc(ids), {})["logits"]  # full logits when no labels are given
+    expected = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["num_masked"] == 2
+    out["loss"].backward()
+    assert enc.embeddings.word.weight.grad is not None  # the decoder is tied to the embeddings
+
+
+@pytest.mark.parametrize("kind", ["pair", "tagging", "qa", "choice"])
+def test_heads_give_finite_losses_and_ignore_labels(kind):
+    torch.manual_seed(2)
+    cfg = _cfg()
+    enc = Encoder(cfg)
+    model = TaskModel(enc, make_head(kind, cfg, enc, num_labels=3))
+    B, S = 4, 6
+    batch = {"input_ids": torch.randint(0, 50, (B, S)), "lengths": torch.tensor([6, 5, 4, 6])}
+    if kind == "pair":
+        batch["labels"] = torch.tensor([0, 2, 1, 2])
+    elif kind == "tagging":
+        batch["labels"] = torch.randint(0, 3, (B, S))
+        batch["labels"][:, 0] = IGNORE
+    elif kind == "qa":
+        batch["start_positions"], batch["end_positions"] = torch.tensor([1, 2, 0, 3]), torch.tensor([2, 2, 0, 5])
+    else:
+        batch["labels"], batch["num_choices"] = torch.tensor([0, 1]), 2
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.head.parameters())
