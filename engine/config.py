@@ -24,6 +24,7 @@ class RunConfig:
     seed: int = 0
     out: str = ""  # default: runs/<name>
     cache_dir: str = ""  # pretrained-model cache; "" = $XLT_CACHE or ~/.cache/xlt; "none" = no cache
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the hardware computes it natively
     console: bool = True
@@ -89,7 +90,7 @@ class Config:
     intermediate: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
         epochs=2.0, overrides={"syn-squad": {"epochs": 3.0, "lr": 1e-3}}))
     target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
-        overrides={"syn-xquad": {"epochs": 6.0, "lr": 1e-3}}))
+        overrides={"syn-xquad": {"epochs": 4.0, "lr": 1e-3}}))
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -148,6 +148,13 @@ def collate(feats: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated batch's tensors to `device` (bookkeeping lists stay on the host)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def batches(feats: list[dict], batch_size: int, pad_id: int, shuffle_rng: random.Random | None = None,
             ) -> Iterator[dict]:
     """Batches of similar length (less padding). With an rng: shuffled, then sorted by length within

@@ -9,7 +9,7 @@ from eval import metrics
 from eval.tasks import TaskSpec
 from models import Encoder, TaskModel
 
-from .data import batches, featurize
+from .data import batches, featurize, to_device
 
 MAX_ANSWER_TOKENS = 30  # SQuAD's usual bound on predicted answer length, in subwords
 TOP_SPANS = 20
@@ -19,16 +19,17 @@ TOP_SPANS = 20
 def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict], batch_size: int, pad_id: int):
     """Predictions for `rows`: label ids (pair, choice), tag lists (tagging), {id: answer} (qa)."""
     model.eval()
+    device = next(model.parameters()).device
     if task.format in ("pair", "choice"):
         preds = [0] * len(rows)
         for batch in batches(feats, batch_size, pad_id):
-            for ex, p in zip(batch["example"], model(batch)["logits"].argmax(-1).tolist()):
+            for ex, p in zip(batch["example"], model(to_device(batch, device))["logits"].argmax(-1).tolist()):
                 preds[ex] = p
         return preds
     if task.format == "tagging":
         tags: list[list[str | None]] = [[None] * len(r["tokens"]) for r in rows]
         for batch in batches(feats, batch_size, pad_id):
-            best = model(batch)["logits"].argmax(-1).tolist()
+            best = model(to_device(batch, device))["logits"].argmax(-1).tolist()
             for ex, words, labels in zip(batch["example"], batch["word_index"], best):
                 for w, label in zip(words, labels):
                     if w >= 0:
@@ -38,9 +39,9 @@ def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict
     if task.format == "qa":
         best: dict[int, tuple[float, str]] = {}
         for batch in batches(feats, batch_size, pad_id):
-            out = model(batch)
-            for ex, offsets, s_log, e_log in zip(batch["example"], batch["offsets"], out["start_logits"],
-                                                 out["end_logits"]):
+            out = model(to_device(batch, device))
+            for ex, offsets, s_log, e_log in zip(batch["example"], batch["offsets"], out["start_logits"].cpu(),
+                                                 out["end_logits"].cpu()):
                 span = _best_span(offsets, s_log, e_log)
                 if span is not None and (ex not in best or span[0] > best[ex][0]):
                     context = rows[ex]["context"]
@@ -94,11 +95,13 @@ def embed(encoder: Encoder, tokenizer, sentences: list[str], layer: int, max_len
     out = torch.empty(len(sentences), encoder.cfg.hidden_size)
     enc = tokenizer(sentences, truncation=True, max_length=max_len)
     feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
+    device = next(encoder.parameters()).device
     for batch in batches(feats, batch_size, tokenizer.pad_token_id):
+        batch = to_device(batch, device)
         states = encoder(batch["input_ids"], lengths=batch["lengths"], output_hidden_states=True)[layer]
-        mask = (torch.arange(states.shape[1])[None, :] < batch["lengths"][:, None]).float()
+        mask = (torch.arange(states.shape[1], device=device)[None, :] < batch["lengths"][:, None]).float()
         pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        out[batch["example"]] = pooled.float()
+        out[batch["example"]] = pooled.float().cpu()
     return out
 
 

@@ -105,8 +105,10 @@ def default_cache_dir() -> Path:
 
 
 def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, cache_dir: Path | None,
-             log_dir: Path | None = None, bf16: bool = False) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
-    """Return (encoder, tokenizer, info), from the cache when this exact pretraining was done before."""
+             log_dir: Path | None = None, bf16: bool = False, device: torch.device = torch.device("cpu"),
+             ) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
+    """Return (encoder, tokenizer, info), from the cache when this exact pretraining was done before.
+    The encoder is returned on the CPU."""
     key = cache_key(world, model_cfg, cfg, seed, bf16)
     target = cache_dir / f"pretrain-{key}" if cache_dir is not None else None
     if target is not None and (target / "done.json").exists():
@@ -124,7 +126,7 @@ def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, se
     say(f"[pretrain] {len(tokenizer)}-token vocabulary; {len(sequences)} sequences of {cfg.seq_len} tokens "
         f"in {len(world.codes)} languages; {model_cfg.num_parameters() / 1e6:.2f}M parameters")
     encoder = Encoder(model_cfg)
-    model = TaskModel(encoder, make_head("mlm", model_cfg, encoder))
+    model = TaskModel(encoder, make_head("mlm", model_cfg, encoder)).to(device)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
 
@@ -138,6 +140,7 @@ def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, se
                       log_every=cfg.log_every, bf16=bf16)
     logger = PhaseLogger("pretrain", log_dir / "metrics.jsonl" if log_dir else None)
     result = train_loop(model, repeat(epoch), loop, logger)
+    encoder = encoder.cpu()
     info = {"key": key, "steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
             "tokens": result.tokens, "vocab_size": len(tokenizer)}
     if target is not None:

@@ -30,10 +30,9 @@ class PhaseLogger:
         if self.console and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, desc=self.phase, leave=False, dynamic_ncols=True)
 
-    def advance(self, loss: float) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def log(self, **fields) -> None:
         record = {"phase": self.phase, **fields}
@@ -62,6 +61,8 @@ class PhaseLogger:
             parts.append(f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
         line = "  ".join(parts)
         if self.bar is not None:
+            if "loss" in fields:
+                self.bar.set_postfix(loss=f"{fields['loss']:.4f}", refresh=False)
             self.bar.write(line)
         else:
             print(line, flush=True)

@@ -60,6 +60,10 @@ def plan(cfg: Config) -> Plan:
         preset(cfg.model.preset)
     except ValueError as e:
         raise ConfigError(f"model.preset: {e}") from None
+    try:
+        resolve_device(cfg.run.device)
+    except RuntimeError as e:
+        raise ConfigError(f"run.device: {e}") from None
     if cfg.run.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"run.precision: {cfg.run.precision!r}: expected auto, fp32 or bf16")
     if cfg.model.kernels not in ("auto", "torch", "triton"):
@@ -96,6 +100,15 @@ def plan(cfg: Config) -> Plan:
     return Plan(world, list(cfg.protocol.conditions), [world.tasks[t] for t in cfg.protocol.targets], languages)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} but no CUDA device is available")
+    return device
+
+
 def _seed(*key) -> int:
     return int(hashlib.sha256("-".join(map(str, key)).encode()).hexdigest()[:8], 16)
 
@@ -104,7 +117,8 @@ def finetune(encoder: Encoder, task: TaskSpec, world: SyntheticWorld, tokenizer,
              out: Path, console: bool, eval_batch: int, bf16: bool) -> tuple[TaskModel, dict]:
     """Train `task` on English train rows; keep the weights with the best English dev score."""
     torch.manual_seed(seed)
-    model = TaskModel(encoder, make_head(task.format, encoder.cfg, encoder, num_labels=len(task.labels)))
+    head = make_head(task.format, encoder.cfg, encoder, num_labels=len(task.labels))
+    model = TaskModel(encoder, head.to(next(encoder.parameters()).device))
     train_feats = data.featurize(task, world.load(task.name, "train", "en"), tokenizer, ft.max_len)
     dev_rows = world.load(task.name, "dev", "en")
     dev_feats = data.featurize(task, dev_rows, tokenizer, ft.max_len)
@@ -138,14 +152,16 @@ def run_study(cfg: Config) -> dict:
     t0 = time.perf_counter()
     world, console = p.world, cfg.run.console
 
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and bf16_supported(torch.device("cpu")))
+    device = resolve_device(cfg.run.device)
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and bf16_supported(device))
 
     # Phase 1: the pretrained multilingual encoder (the stand-in for XLM-R), cached by its config.
-    cache = None if cfg.run.cache_dir == "none" else Path(cfg.run.cache_dir) if cfg.run.cache_dir else default_cache_dir()
+    cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
     pretrained, tokenizer, pre_info = pretrain(world, preset(cfg.model.preset), cfg.pretrain, cfg.run.seed, cache,
-                                               out / "pretrain", bf16)
+                                               out / "pretrain", bf16, device)
     pretrained = pretrained.with_config(hidden_dropout=cfg.model.hidden_dropout,
-                                        attention_dropout=cfg.model.attention_dropout, kernel_backend=cfg.model.kernels)
+                                        attention_dropout=cfg.model.attention_dropout,
+                                        kernel_backend=cfg.model.kernels).to(device)
     layer = cfg.eval.retrieval_layer if cfg.eval.retrieval_layer >= 0 else pretrained.cfg.num_layers // 2
     scores: dict = {}
     phases: dict = {"pretrain": pre_info}
@@ -198,7 +214,7 @@ def run_study(cfg: Config) -> dict:
         "phases": phases,
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "bf16": bf16},
+                        "device": str(device), "threads": torch.get_num_threads(), "bf16": bf16},
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     report = table(results, world.tasks)

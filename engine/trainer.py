@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .data import to_device
 from .progress import PhaseLogger
 
 
@@ -59,15 +60,20 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> tuple[torch.optim
 def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig, logger: PhaseLogger,
                evaluate: Callable[[], float] | None = None) -> LoopResult:
     """Train for cfg.steps batches drawn from `batches`. With `evaluate` (higher is better), the best
-    weights seen at an evaluation point are restored at the end."""
+    weights seen at an evaluation point are restored at the end. The loss is read back to the host
+    only at log steps, so a GPU is not synchronised every step."""
     opt, sched = make_optimizer(model, cfg)
+    device = next(model.parameters()).device
     best_score, best_step, best_state = -math.inf, None, None
-    start, tokens, window_loss, window_n, loss_value = time.perf_counter(), 0, 0.0, 0, float("nan")
+    start, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    window_loss, window_n = torch.zeros((), device=device), 0
     logger.start(cfg.steps)
     for step in range(1, cfg.steps + 1):
         model.train()
         batch = next(batches)
-        with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.bf16):
+        tokens += int(batch["lengths"].sum())  # counted on the host copy: real tokens, no padding
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = model(batch)
         loss = out["loss"]
         opt.zero_grad(set_to_none=True)
@@ -76,17 +82,16 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{logger.phase}: loss became {loss_value} at step {step}")
-        tokens += int(batch["lengths"].sum())
-        window_loss, window_n = window_loss + loss_value, window_n + 1
-        logger.advance(loss_value)
+        window_loss, window_n = window_loss + loss.detach().float(), window_n + 1
+        logger.advance()
         if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_value = window_loss.item() / window_n
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{logger.phase}: loss became {loss_value} by step {step}")
             elapsed = time.perf_counter() - start
-            logger.log(step=step, loss=window_loss / window_n, lr=sched.get_last_lr()[0],
+            logger.log(step=step, loss=loss_value, lr=sched.get_last_lr()[0],
                        tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
-            window_loss, window_n = 0.0, 0
+            window_loss, window_n = torch.zeros((), device=device), 0
         if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             score = evaluate()
             improved = score > best_score
@@ -99,10 +104,6 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
         model.load_state_dict(best_state)
     return LoopResult(cfg.steps, best_score if best_step else None, best_step, loss_value,
                       time.perf_counter() - start, tokens)
-
-
-def _device_type(model: torch.nn.Module) -> str:
-    return next(model.parameters()).device.type
 
 
 def bf16_supported(device: torch.device) -> bool:

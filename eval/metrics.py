@@ -32,7 +32,7 @@ def _check_same_length(name: str, predictions, labels, what: str = "labels") -> 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
     """Percentage of predictions equal to their label (XNLI, PAWS-X, XCOPA)."""
     _check_same_length("accuracy", predictions, labels)
-    correct = sum(int(p == l) for p, l in zip(predictions, labels))
+    correct = sum(int(p == gold) for p, gold in zip(predictions, labels))
     # Same expression as evaluate.py's `accuracy`, so the float is identical.
     return float(correct) / len(predictions) * 100
 

@@ -7,7 +7,7 @@ same items. Pretraining corpora are not parallel: every language samples its own
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 from ..tasks import TaskSpec
@@ -18,6 +18,11 @@ from .semantics import NLI_LABELS, OPTIONAL_FIELDS, Event, nli_label, nli_label_
 POS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "DET", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT", "VERB")
 NER_TAGS = ("B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O")  # PAN-X's tag set
 SPLITS = ("train", "dev", "test")
+
+
+def text(words: list[Word]) -> str:
+    return detokenize(words)[0]
+
 DEFAULT_LANGUAGES = tuple(SPECS)
 QA_ROLES = ("agent", "object", "count", "place", "time")
 
@@ -115,9 +120,6 @@ class SyntheticWorld:
             source=(self.employer[first] if typical() else rng.choice(lx.ORGS)) if rng.random() < source_p else None,
             time_word=rng.random() < time_p)
 
-    def text(self, lang: str, words: list[Word]) -> str:
-        return detokenize(words)[0]
-
     # ----- pretraining corpus ------------------------------------------------------------------------
     def corpus(self, lang: str, num_documents: int, stream: int = 0) -> list[str]:
         """Monolingual documents of 1-4 sentences: statements, questions, and 'then' continuations in
@@ -127,7 +129,7 @@ class SyntheticWorld:
         rng, L = self.rng("corpus", lang, stream), self.languages[lang]
 
         def say(ev: Event, words: list[Word]) -> str:
-            return self.text(lang, self._code_switch(words, ev, rng) if lang != "en" else words)
+            return text(self._code_switch(words, ev, rng) if lang != "en" else words)
 
         docs = []
         for _ in range(num_documents):
@@ -238,8 +240,8 @@ class SyntheticWorld:
         (premise,), hyp, label = self._nli_pair(  # SNLI-like: one positive premise, one edit
             rng, lambda: [self.sample_event(rng, negated_p=0.0, hypernym_p=0.15)],
             lambda ps, h: nli_label(ps[0], h), max_edits=1)
-        return {"sentence1": self.text(L.code, L.sentence(premise)),
-                "sentence2": self.text(L.code, L.sentence(hyp)), "label": label}
+        return {"sentence1": text(L.sentence(premise)),
+                "sentence2": text(L.sentence(hyp)), "label": label}
 
     def _two_agents(self, rng) -> list[Event]:
         first = self.sample_event(rng, negated_p=0.1, hypernym_p=0.15)
@@ -250,8 +252,8 @@ class SyntheticWorld:
 
     def _mnli(self, rng, L: Language, i: int) -> dict:
         premises, hyp, label = self._nli_pair(rng, lambda: self._two_agents(rng), nli_label_multi, max_edits=2)
-        return {"sentence1": " ".join(self.text(L.code, L.sentence(e)) for e in premises),
-                "sentence2": self.text(L.code, L.sentence(hyp)), "label": label}
+        return {"sentence1": " ".join(text(L.sentence(e)) for e in premises),
+                "sentence2": text(L.sentence(hyp)), "label": label}
 
     def _tagged(self, rng, L: Language, **probs) -> dict:
         words = L.sentence(self.sample_event(rng, **probs))
@@ -281,15 +283,15 @@ class SyntheticWorld:
         context, answer, start = "", "", -1
         for j, e in enumerate(events):
             words = L.sentence(e)
-            text, starts = detokenize(words)
+            sentence, starts = detokenize(words)
             if context:
                 context += " "
             if j == target:
                 idx = [k for k, w in enumerate(words) if w.role in answer_roles]
                 start = len(context) + starts[idx[0]]
-                answer = text[starts[idx[0]]:starts[idx[-1]] + len(words[idx[-1]].text)]
-            context += text
-        return {"id": qid, "context": context, "question": self.text(L.code, L.sentence(ev, ask)),
+                answer = sentence[starts[idx[0]]:starts[idx[-1]] + len(words[idx[-1]].text)]
+            context += sentence
+        return {"id": qid, "context": context, "question": text(L.sentence(ev, ask)),
                 "answers": {"text": [answer], "answer_start": [start]}}
 
     def _xquad(self, rng, L, i):
@@ -304,16 +306,16 @@ class SyntheticWorld:
         wrong = [v for v, spec in lx.VERBS.items() if spec[3] and not lx.verb_accepts(v, ev.noun)]
         verbs = rng.sample(wrong, 3) + [right]
         rng.shuffle(verbs)
-        endings = [self.text(L.code, L.then_sentence(Event(agent=ev.agent, verb=v, noun=ev.noun, tense=ev.tense)))
+        endings = [text(L.then_sentence(Event(agent=ev.agent, verb=v, noun=ev.noun, tense=ev.tense)))
                    for v in verbs]
-        return {"context": self.text(L.code, L.sentence(ev)), "endings": endings, "label": verbs.index(right)}
+        return {"context": text(L.sentence(ev)), "endings": endings, "label": verbs.index(right)}
 
     def _tatoeba(self, rng, L: Language, n: int) -> list[dict]:
         en, rows, seen = self.languages["en"], [], set()
         while len(rows) < n:
             ev = self.sample_event(rng)
-            target = self.text("en", en.sentence(ev))
+            target = text(en.sentence(ev))
             if target not in seen:  # distinct sentences: the gold neighbour is well defined
                 seen.add(target)
-                rows.append({"source": self.text(L.code, L.sentence(ev)), "target": target})
+                rows.append({"source": text(L.sentence(ev)), "target": target})
         return rows

@@ -10,7 +10,7 @@ import torch
 from engine import config as C
 from engine.protocol import run_study
 
-SIZES = {"syn-xnli": [600, 100, 100], "syn-pos": [200, 60, 60], "syn-panx": [200, 60, 60],
+SIZES = {"syn-xnli": [1500, 100, 100], "syn-pos": [200, 60, 60], "syn-panx": [200, 60, 60],
          "syn-xquad": [200, 40, 40], "syn-tatoeba": [0, 0, 60], "syn-mnli": [200, 40, 0],
          "syn-squad": [100, 20, 0], "syn-swag": [100, 20, 0]}
 LANGS = ["en", "qsv", "qcy"]
@@ -24,7 +24,7 @@ def tiny_config(out, cache) -> C.Config:
         ("pretrain.steps", "60"), ("pretrain.batch_size", "32"), ("pretrain.documents_per_language", "400"),
         ("pretrain.vocab_size", "600"),
         ("intermediate.epochs", "1"), ("intermediate.lr", "2e-3"),
-        ("target.epochs", "4"), ("target.lr", "3e-3"), ("target.batch_size", "16"),
+        ("target.epochs", "4"), ("target.lr", "3e-3"), ("target.batch_size", "16"), ("run.precision", "fp32"),
         ("protocol.conditions", "baseline,syn-mnli"),
     ])
 
