@@ -148,6 +148,10 @@ def collate(feats: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a collated batch's tensors to `device` (bookkeeping lists stay on the host)."""
     if device.type == "cpu":

@@ -9,7 +9,7 @@ from eval import metrics
 from eval.tasks import TaskSpec
 from models import Encoder, TaskModel
 
-from .data import batches, featurize, to_device
+from .data import batches, device_of, featurize, to_device
 
 MAX_ANSWER_TOKENS = 30  # SQuAD's usual bound on predicted answer length, in subwords
 TOP_SPANS = 20
@@ -19,7 +19,7 @@ TOP_SPANS = 20
 def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict], batch_size: int, pad_id: int):
     """Predictions for `rows`: label ids (pair, choice), tag lists (tagging), {id: answer} (qa)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     if task.format in ("pair", "choice"):
         preds = [0] * len(rows)
         for batch in batches(feats, batch_size, pad_id):
@@ -95,7 +95,7 @@ def embed(encoder: Encoder, tokenizer, sentences: list[str], layer: int, max_len
     out = torch.empty(len(sentences), encoder.cfg.hidden_size)
     enc = tokenizer(sentences, truncation=True, max_length=max_len)
     feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
-    device = next(encoder.parameters()).device
+    device = device_of(encoder)
     for batch in batches(feats, batch_size, tokenizer.pad_token_id):
         batch = to_device(batch, device)
         states = encoder(batch["input_ids"], lengths=batch["lengths"], output_hidden_states=True)[layer]

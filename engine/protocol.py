@@ -118,7 +118,7 @@ def finetune(encoder: Encoder, task: TaskSpec, world: SyntheticWorld, tokenizer,
     """Train `task` on English train rows; keep the weights with the best English dev score."""
     torch.manual_seed(seed)
     head = make_head(task.format, encoder.cfg, encoder, num_labels=len(task.labels))
-    model = TaskModel(encoder, head.to(next(encoder.parameters()).device))
+    model = TaskModel(encoder, head.to(data.device_of(encoder)))
     train_feats = data.featurize(task, world.load(task.name, "train", "en"), tokenizer, ft.max_len)
     dev_rows = world.load(task.name, "dev", "en")
     dev_feats = data.featurize(task, dev_rows, tokenizer, ft.max_len)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .data import to_device
+from .data import device_of, to_device
 from .progress import PhaseLogger
 
 
@@ -63,7 +63,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
     weights seen at an evaluation point are restored at the end. The loss is read back to the host
     only at log steps, so a GPU is not synchronised every step."""
     opt, sched = make_optimizer(model, cfg)
-    device = next(model.parameters()).device
+    device = device_of(model)
     best_score, best_step, best_state = -math.inf, None, None
     start, tokens, loss_value = time.perf_counter(), 0, float("nan")
     window_loss, window_n = torch.zeros((), device=device), 0
