@@ -2,49 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from models import Encoder, EncoderConfig
+from models import Encoder, EncoderConfig, TaskModel, hf
+from models.io import atomic_write_text, write_folder
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_dir(folder: Path, files: dict[str, object]) -> None:
-    """Write {name: text | tensor dict} into a fresh temp folder, then rename it over `folder`."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        for name, content in files.items():
-            if isinstance(content, str):
-                (tmp / name).write_text(content)
-            else:
-                save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+__all__ = ["atomic_write_text", "load_encoder", "save_encoder", "save_task_model"]
 
 
 def save_encoder(encoder: Encoder, folder: Path) -> None:
-    _write_dir(folder, {"config.json": json.dumps(encoder.cfg.to_dict(), indent=1),
+    write_folder(folder, {"config.json": json.dumps(encoder.cfg.to_dict(), indent=1),
                         "model.safetensors": encoder.state_dict()})
 
 
@@ -61,7 +31,18 @@ def load_encoder(folder: Path) -> Encoder:
     return encoder
 
 
-def save_task_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:
-    """An encoder with its head: one safetensors file for both, plus the encoder config and `meta`."""
-    _write_dir(folder, {"config.json": json.dumps(model.encoder.cfg.to_dict(), indent=1),
-                        "task.json": json.dumps(meta, indent=1), "model.safetensors": model.state_dict()})
+def save_task_model(model: TaskModel, folder: Path, meta: dict, tokenizer=None) -> None:
+    """A fine-tuned model as a Hugging Face folder (transformers' Auto* class for its head loads it, and so
+    does models.hf.load_task_model) with the tokenizer and `meta` (task.json) beside it. Architectures
+    without a Hugging Face class are saved in XLT's own layout (config.json + model.safetensors)."""
+    extra_files = {"task.json": json.dumps(meta, indent=1)}
+
+    def add_tokenizer(tmp: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    try:
+        hf.export(model, folder, tokenizer=tokenizer, labels=meta.get("labels") or None, extra_files=extra_files)
+    except hf.ModelLoadError:  # e.g. pre-layer-norm with an embedding norm: no HF class to load it
+        write_folder(folder, {"config.json": json.dumps(model.encoder.cfg.to_dict(), indent=1),
+                              "model.safetensors": model.state_dict(), **extra_files}, extra=add_tokenizer)

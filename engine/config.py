@@ -41,7 +41,10 @@ class WorldConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "xlt-tiny"
+    preset: str = "xlt-tiny"  # the architecture pretrained from scratch on the synthetic corpus
+    # A Hugging Face model instead (hub name such as xlm-roberta-base, or a local folder): its weights and
+    # tokenizer are loaded and the pretraining phase is skipped.
+    name: str = ""
     kernels: str = "auto"  # auto | torch | triton
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.0  # XLM-R fine-tunes with 0.1; 0 keeps the CPU twin fast
@@ -55,7 +58,8 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_len: int = 128
+    max_len: int = 128  # XTREME's QA setting for real models: max_len 384 with doc_stride 128
+    doc_stride: int = 128  # overlap of the windows over a long QA context (capped at max_len // 2)
     evals_per_epoch: int = 1  # dev evaluations (for best-checkpoint selection) per epoch
     log_every: int = 50
     overrides: dict = field(default_factory=dict)  # task -> {key: value} for that task only

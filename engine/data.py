@@ -116,9 +116,12 @@ FEATURIZERS = {"pair": featurize_pair, "tagging": featurize_tagging, "qa": featu
                "choice": featurize_choice}
 
 
-def featurize(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+def featurize(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, doc_stride: int = 128) -> list[dict]:
+    """Model inputs for `rows`; doc_stride is the overlap of QA windows over long contexts."""
     if task.format not in FEATURIZERS:
         raise ValueError(f"{task.name}: format {task.format!r} is not trained (retrieval needs no features)")
+    if task.format == "qa":
+        return featurize_qa(task, rows, tokenizer, max_len, doc_stride)
     return FEATURIZERS[task.format](task, rows, tokenizer, max_len)
 
 

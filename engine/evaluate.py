@@ -78,11 +78,12 @@ def gold(task: TaskSpec, rows: list[dict]):
 
 
 def evaluate_task(model: TaskModel, task: TaskSpec, rows: list[dict], tokenizer, max_len: int,
-                  batch_size: int, lang: str | None = None, feats: list[dict] | None = None) -> tuple[dict, object]:
+                  batch_size: int, lang: str | None = None, feats: list[dict] | None = None,
+                  doc_stride: int = 128) -> tuple[dict, object]:
     """(scores, predictions) of `model` on `rows`; scores holds "score" (0-100) and the metric's parts.
     Pass `feats` (from engine.data.featurize) to skip tokenizing again, e.g. for repeated dev evaluations."""
     if feats is None:
-        feats = featurize(task, rows, tokenizer, max_len)
+        feats = featurize(task, rows, tokenizer, max_len, doc_stride)
     preds = predict(model, task, rows, feats, batch_size, tokenizer.pad_token_id)
     return metrics.score(task.metric, preds, gold(task, rows), lang=lang), preds
 

@@ -20,7 +20,7 @@ import torch
 
 from eval.synthetic import SyntheticWorld
 from eval.tasks import TaskSpec
-from models import Encoder, TaskModel, make_head, preset
+from models import Encoder, TaskModel, hf, make_head, preset
 
 from . import data
 from .checkpoint import atomic_write_text, save_task_model
@@ -60,6 +60,11 @@ def plan(cfg: Config) -> Plan:
         preset(cfg.model.preset)
     except ValueError as e:
         raise ConfigError(f"model.preset: {e}") from None
+    if cfg.model.name:
+        try:  # fetch (or find) the model now, so a wrong name fails before anything is written
+            hf.config_from_hf(json.loads((hf.resolve(cfg.model.name) / "config.json").read_text()))
+        except (hf.ModelLoadError, OSError) as e:
+            raise ConfigError(f"model.name: {e}") from None
     try:
         resolve_device(cfg.run.device)
     except RuntimeError as e:
@@ -94,6 +99,12 @@ def plan(cfg: Config) -> Plan:
                 raise ConfigError(f"{section}.overrides: unknown task {task!r}")
             if not isinstance(values, dict) or set(values) - known:
                 raise ConfigError(f"{section}.overrides.{task}: expected a table with keys among {sorted(known)}")
+        for task in [None, *ft.overrides]:
+            one = ft.for_task(task) if task else ft
+            where = f"{section}.overrides.{task}" if task else section
+            if one.max_len < 8 or one.doc_stride < 1:
+                raise ConfigError(f"{where}: need max_len >= 8 and doc_stride >= 1, got max_len {one.max_len}, "
+                                  f"doc_stride {one.doc_stride}")
     for name in ("steps", "batch_size", "seq_len", "vocab_size", "documents_per_language"):
         if getattr(cfg.pretrain, name) < 1:
             raise ConfigError(f"pretrain.{name}: must be >= 1")
@@ -119,9 +130,9 @@ def finetune(encoder: Encoder, task: TaskSpec, world: SyntheticWorld, tokenizer,
     torch.manual_seed(seed)
     head = make_head(task.format, encoder.cfg, encoder, num_labels=len(task.labels))
     model = TaskModel(encoder, head.to(data.device_of(encoder)))
-    train_feats = data.featurize(task, world.load(task.name, "train", "en"), tokenizer, ft.max_len)
+    train_feats = data.featurize(task, world.load(task.name, "train", "en"), tokenizer, ft.max_len, ft.doc_stride)
     dev_rows = world.load(task.name, "dev", "en")
-    dev_feats = data.featurize(task, dev_rows, tokenizer, ft.max_len)
+    dev_feats = data.featurize(task, dev_rows, tokenizer, ft.max_len, ft.doc_stride)
     per_epoch = data.num_batches(len(train_feats), ft.batch_size)
     steps = max(1, math.ceil(ft.epochs * per_epoch))
     rng = random.Random(seed)
@@ -137,7 +148,7 @@ def finetune(encoder: Encoder, task: TaskSpec, world: SyntheticWorld, tokenizer,
     result = train_loop(model, batches, loop, logger, evaluate=dev_score)
     save_task_model(model, out / "checkpoint", {"task": task.name, "format": task.format,
                                                 "labels": list(task.labels), "best_step": result.best_step,
-                                                "dev_score_en": result.best_score})
+                                                "dev_score_en": result.best_score}, tokenizer)
     return model, {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,
                    "seconds": round(result.seconds, 2), "train_rows": len(train_feats)}
 
@@ -155,10 +166,16 @@ def run_study(cfg: Config) -> dict:
     device = resolve_device(cfg.run.device)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and bf16_supported(device))
 
-    # Phase 1: the pretrained multilingual encoder (the stand-in for XLM-R), cached by its config.
-    cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
-    pretrained, tokenizer, pre_info = pretrain(world, preset(cfg.model.preset), cfg.pretrain, cfg.run.seed, cache,
-                                               out / "pretrain", bf16, device)
+    # Phase 1: the pretrained multilingual encoder: a Hugging Face model by name, or the stand-in for XLM-R
+    # pretrained here with MLM on the synthetic corpus (cached by its config).
+    if cfg.model.name:
+        pretrained, tokenizer = hf.load_encoder(cfg.model.name), hf.load_tokenizer(cfg.model.name)
+        pre_info = {"model": cfg.model.name, "parameters": pretrained.cfg.num_parameters(), "cached": True}
+        say(f"[pretrain] skipped: loaded {cfg.model.name} ({pretrained.cfg.num_parameters() / 1e6:.1f}M parameters)")
+    else:
+        cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
+        pretrained, tokenizer, pre_info = pretrain(world, preset(cfg.model.preset), cfg.pretrain, cfg.run.seed,
+                                                   cache, out / "pretrain", bf16, device)
     pretrained = pretrained.with_config(hidden_dropout=cfg.model.hidden_dropout,
                                         attention_dropout=cfg.model.attention_dropout,
                                         kernel_backend=cfg.model.kernels).to(device)
@@ -190,7 +207,8 @@ def run_study(cfg: Config) -> dict:
                                        cfg.eval.batch_size, bf16)
                 for lang in langs:
                     result, preds_out[lang] = evaluate_task(model, task, world.load(task.name, "test", lang),
-                                                            tokenizer, ft.max_len, cfg.eval.batch_size, lang)
+                                                            tokenizer, ft.max_len, cfg.eval.batch_size, lang,
+                                                            doc_stride=ft.doc_stride)
                     scores[condition].setdefault(task.name, {})[lang] = result["score"]
             else:
                 info = {"layer": layer}

@@ -5,13 +5,13 @@ Inputs are right-padded batches; padding is given to the attention kernel as per
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-
-from dataclasses import replace
 
 from .config import EncoderConfig
 
@@ -34,7 +34,7 @@ class Embeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else None
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class Embeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.position(self.position_ids(input_ids)) + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x))
+        return self.dropout(self.norm(x) if self.norm is not None else x)
 
 
 class SelfAttention(nn.Module):
@@ -99,6 +99,18 @@ class Layer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
+class Pooler(nn.Module):
+    """BERT's pooler: dense + tanh on the first token. BERT-family classification and every multiple-choice
+    head read it; XLM-R checkpoints carry it too, so it belongs to the encoder as in Hugging Face."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -106,6 +118,7 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
+        self.pooler = Pooler(cfg)
         self.apply(self._init_weights)
 
     def with_config(self, **changes) -> "Encoder":

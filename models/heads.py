@@ -26,6 +26,8 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, backend: str) -> torch.Tenso
 class SequenceClassificationHead(nn.Module):
     """RoBERTa-style: dense + tanh on the first token, then the output projection."""
 
+    kind = "pair"
+
     def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         self.backend = cfg.kernel_backend
@@ -45,6 +47,8 @@ class SequenceClassificationHead(nn.Module):
 class TokenClassificationHead(nn.Module):
     """A label per token; the data pipeline labels first subwords only (others get -100), as XTREME."""
 
+    kind = "tagging"
+
     def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         self.backend = cfg.kernel_backend
@@ -62,6 +66,8 @@ class TokenClassificationHead(nn.Module):
 class SpanQAHead(nn.Module):
     """Start and end logits per token; the loss averages the start and end cross-entropies."""
 
+    kind = "qa"
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.backend = cfg.kernel_backend
@@ -76,20 +82,27 @@ class SpanQAHead(nn.Module):
         return out
 
 
-class MultipleChoiceHead(nn.Module):
-    """Each (context, ending) pair is encoded separately; a score per pair, softmax over the choices."""
+class PooledClassificationHead(nn.Module):
+    """BERT-style: a linear layer on the encoder's pooler output (dense + tanh on the first token). With
+    choices=True each (context, ending) pair is encoded separately and scored, softmax over the choices
+    (Hugging Face's multiple-choice head, the same for BERT and XLM-R)."""
 
-    def __init__(self, cfg: EncoderConfig):
+    @property
+    def kind(self) -> str:
+        return "choice" if self.choices else "pair"
+
+    def __init__(self, cfg: EncoderConfig, encoder: Encoder, num_labels: int, choices: bool = False):
         super().__init__()
         self.backend = cfg.kernel_backend
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.choices = choices
+        self._pooler = [encoder.pooler]  # a plain list: the pooler stays owned by the encoder
         self.dropout = nn.Dropout(cfg.hidden_dropout)
-        self.out = nn.Linear(cfg.hidden_size, 1)
+        self.out = nn.Linear(cfg.hidden_size, 1 if choices else num_labels)
 
     def forward(self, hidden, batch):
-        num_choices = batch["num_choices"]
-        x = torch.tanh(self.dense(hidden[:, 0]))
-        logits = self.out(self.dropout(x)).view(-1, num_choices)
+        logits = self.out(self.dropout(self._pooler[0](hidden)))
+        if self.choices:
+            logits = logits.view(-1, batch["num_choices"])
         out = {"logits": logits}
         if "labels" in batch:
             out["loss"] = _ce(logits, batch["labels"], self.backend)
@@ -99,6 +112,8 @@ class MultipleChoiceHead(nn.Module):
 class MaskedLMHead(nn.Module):
     """dense + GELU + LayerNorm, then the decoder tied to the word embeddings. The loss is computed on
     the masked positions only, gathered before the vocabulary projection (fused linear cross-entropy)."""
+
+    kind = "mlm"
 
     def __init__(self, cfg: EncoderConfig, word_embeddings: nn.Embedding):
         super().__init__()
@@ -126,16 +141,22 @@ class MaskedLMHead(nn.Module):
         return {"loss": loss, "num_masked": picked.numel()}
 
 
+HEAD_KINDS = ("pair", "tagging", "qa", "choice", "mlm")
+
+
 def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int = 0) -> nn.Module:
-    """kind: pair | tagging | qa | choice | mlm (the task formats of eval.tasks, plus mlm)."""
+    """kind: pair | tagging | qa | choice | mlm (the task formats of eval.tasks, plus mlm). The head's
+    architecture follows the encoder's family, so it maps 1:1 onto the Hugging Face head."""
     if kind == "pair":
+        if cfg.family == "bert":
+            return PooledClassificationHead(cfg, encoder, num_labels)
         return SequenceClassificationHead(cfg, num_labels)
     if kind == "tagging":
         return TokenClassificationHead(cfg, num_labels)
     if kind == "qa":
         return SpanQAHead(cfg)
     if kind == "choice":
-        return MultipleChoiceHead(cfg)
+        return PooledClassificationHead(cfg, encoder, 1, choices=True)
     if kind == "mlm":
         return MaskedLMHead(cfg, encoder.embeddings.word)
     raise ValueError(f"unknown head kind {kind!r}: expected pair, tagging, qa, choice or mlm")

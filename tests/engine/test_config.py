@@ -75,3 +75,11 @@ def test_print_config_validates_and_prints(capsys):
     assert main(["--print-config", "--target.epochs", "4"]) == 0
     printed = capsys.readouterr().out
     assert "[target]" in printed and "epochs = 4.0" in printed
+
+
+def test_window_settings_are_checked_per_task(tmp_path):
+    from engine.protocol import plan
+
+    cfg = C.load(None, [("run.out", str(tmp_path / "o")), ("target.overrides", "{syn-xquad = {doc_stride = 0}}")])
+    with pytest.raises(C.ConfigError, match=r"target.overrides.syn-xquad: .*doc_stride 0"):
+        plan(cfg)

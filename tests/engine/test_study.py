@@ -17,7 +17,11 @@ LANGS = ["en", "qsv", "qcy"]
 
 
 def tiny_config(out, cache) -> C.Config:
-    return C.load(None, [
+    return C.load(None, _overrides(out, cache))
+
+
+def _overrides(out, cache) -> list[tuple[str, str]]:
+    return [
         ("run.out", str(out)), ("run.cache_dir", str(cache)), ("run.console", "false"),
         ("world.languages", json.dumps(LANGS)), ("world.sizes", _toml_table(SIZES)),
         ("model.preset", "tiny"),
@@ -26,7 +30,7 @@ def tiny_config(out, cache) -> C.Config:
         ("intermediate.epochs", "1"), ("intermediate.lr", "2e-3"),
         ("target.epochs", "4"), ("target.lr", "3e-3"), ("target.batch_size", "16"), ("run.precision", "fp32"),
         ("protocol.conditions", "baseline,syn-mnli"),
-    ])
+    ]
 
 
 def _toml_table(d):
@@ -87,3 +91,46 @@ def test_second_run_reuses_pretraining_and_is_deterministic(study, tmp_path):
     again = run_study(tiny_config(tmp_path / "again", root / "cache"))
     assert again["phases"]["pretrain"]["cached"] is True
     assert again["scores"] == first["scores"]
+
+
+def test_phase_checkpoints_load_in_transformers(study):
+    import transformers
+
+    from models import hf
+
+    root, _ = study
+    folder = root / "run" / "baseline" / "syn-pos" / "checkpoint"
+    theirs, info = transformers.AutoModelForTokenClassification.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model, report = hf.load_task_model(folder)
+    assert model.head.kind == "tagging" and report.labels == list(theirs.config.id2label.values())
+    assert json.loads((folder / "task.json").read_text())["task"] == "syn-pos"
+    tok = hf.load_tokenizer(folder)
+    assert tok("Ana sees 3 cats")["input_ids"][0] == tok.cls_token_id
+
+
+def test_a_hugging_face_model_by_name_replaces_pretraining(study, tmp_path):
+    """The pretrained encoder exported as a HF folder and named in the config gives the same study."""
+    from engine.pretrain import pretrain
+    from models import hf, preset
+
+    root, first = study
+    cfg = tiny_config(tmp_path / "unused", root / "cache")
+    from engine.protocol import plan
+    encoder, tokenizer, info = pretrain(plan(cfg).world, preset("tiny"), cfg.pretrain, cfg.run.seed, root / "cache")
+    assert info["cached"]
+    hf.export(encoder, tmp_path / "hf-model", tokenizer=tokenizer)
+    cfg = C.load(None, [*_overrides(tmp_path / "named", root / "cache"), ("model.name", str(tmp_path / "hf-model")),
+                        ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli,syn-tatoeba")])
+    again = run_study(cfg)
+    assert again["phases"]["pretrain"]["model"] == str(tmp_path / "hf-model")
+    assert not (tmp_path / "named" / "pretrain").exists()
+    for task in ("syn-xnli", "syn-tatoeba"):
+        assert again["scores"]["baseline"][task] == first["scores"]["baseline"][task]
+
+
+def test_a_wrong_model_name_fails_before_writing(tmp_path):
+    cfg = C.load(None, [("run.out", str(tmp_path / "out")), ("model.name", str(tmp_path / "missing" / "a" / "b"))])
+    with pytest.raises(C.ConfigError, match="model.name: .*no such folder"):
+        run_study(cfg)
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ def test_hidden_states_and_parameter_count():
     enc = Encoder(cfg)
     states = enc(torch.randint(0, 50, (2, 5)), output_hidden_states=True)
     assert len(states) == cfg.num_layers + 1 and states[-1].shape == (2, 5, cfg.hidden_size)
-    assert sum(p.numel() for p in enc.parameters()) == cfg.num_parameters(include_pooler=False)
+    assert sum(p.numel() for p in enc.parameters()) == cfg.num_parameters()
 
 
 def test_encoder_calls_the_attention_kernel(monkeypatch):
