@@ -48,6 +48,18 @@ class ModelConfig:
     kernels: str = "auto"  # auto | torch | triton
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.0  # XLM-R fine-tunes with 0.1; 0 keeps the CPU twin fast
+    # dense | moe. An MoE encoder is pretrained from scratch with experts matched to the dense preset on
+    # `match` (active: same FLOPs per token; total: same parameter count), or, with `upcycle` (always for a
+    # Hugging Face model), made from the dense pretrained encoder: each expert a copy of its FFN.
+    arch: str = "dense"
+    experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1  # every n-th layer is sparse (1 = all, 2 = every other)
+    router: str = "topk_softmax"  # topk_softmax | softmax_topk | sigmoid
+    match: str = "active"
+    upcycle: bool = False
+    balance_coef: float = 0.01  # load-balancing loss weight
+    z_coef: float = 0.001  # router z-loss weight
 
 
 @dataclass

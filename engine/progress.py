@@ -45,7 +45,7 @@ class PhaseLogger:
         if "step" in fields and self.total:
             parts.append(f"step {fields['step']}/{self.total}")
         for key, value in fields.items():
-            if key in ("step", "elapsed_s", "best"):
+            if key in ("step", "elapsed_s", "best", "tokens_per_expert"):  # the last one: JSONL only
                 continue
             if key == "tokens_per_s":
                 parts.append(f"{value / 1000:.1f}k tok/s")

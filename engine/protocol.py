@@ -13,14 +13,15 @@ import math
 import platform
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from eval.synthetic import SyntheticWorld
 from eval.tasks import TaskSpec
-from models import Encoder, TaskModel, hf, make_head, preset
+from models import Encoder, EncoderConfig, TaskModel, hf, make_head, preset
+from models.config import moe_variant
 
 from . import data
 from .checkpoint import atomic_write_text, save_task_model
@@ -57,9 +58,9 @@ def plan(cfg: Config) -> Plan:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"world: {e}") from None
     try:
-        preset(cfg.model.preset)
+        encoder_config(cfg.model)
     except ValueError as e:
-        raise ConfigError(f"model.preset: {e}") from None
+        raise ConfigError(f"model: {e}") from None
     if cfg.model.name:
         try:  # fetch (or find) the model now, so a wrong name fails before anything is written
             hf.config_from_hf(json.loads((hf.resolve(cfg.model.name) / "config.json").read_text()))
@@ -109,6 +110,26 @@ def plan(cfg: Config) -> Plan:
         if getattr(cfg.pretrain, name) < 1:
             raise ConfigError(f"pretrain.{name}: must be >= 1")
     return Plan(world, list(cfg.protocol.conditions), [world.tasks[t] for t in cfg.protocol.targets], languages)
+
+
+def encoder_config(m) -> EncoderConfig:
+    """The architecture pretrained from scratch: the preset, or its MoE variant (model.arch = "moe")."""
+    if m.arch not in ("dense", "moe"):
+        raise ValueError(f"arch {m.arch!r}: expected dense or moe")
+    dense = preset(m.preset, moe_balance_coef=m.balance_coef, moe_z_coef=m.z_coef)
+    if dense.num_experts:
+        raise ValueError(f"preset {m.preset!r} is already sparse; choose a dense preset and model.arch = moe")
+    if m.arch == "dense" or m.upcycle or m.name:
+        return dense
+    return moe_variant(replace(dense, moe_router=m.router), m.experts, m.top_k, m.match, m.moe_every)
+
+
+def make_sparse(encoder: Encoder, m) -> Encoder:
+    """Sparse upcycling of a dense pretrained encoder (model.arch = moe with upcycle, or a HF model)."""
+    if m.arch != "moe" or encoder.cfg.num_experts:
+        return encoder
+    sparse = encoder.upcycled(m.experts, m.top_k, m.moe_every, m.router)
+    return sparse.with_config(moe_balance_coef=m.balance_coef, moe_z_coef=m.z_coef)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,12 +191,16 @@ def run_study(cfg: Config) -> dict:
     # pretrained here with MLM on the synthetic corpus (cached by its config).
     if cfg.model.name:
         pretrained, tokenizer = hf.load_encoder(cfg.model.name), hf.load_tokenizer(cfg.model.name)
-        pre_info = {"model": cfg.model.name, "parameters": pretrained.cfg.num_parameters(), "cached": True}
+        pre_info = {"model": cfg.model.name, "cached": True}
         say(f"[pretrain] skipped: loaded {cfg.model.name} ({pretrained.cfg.num_parameters() / 1e6:.1f}M parameters)")
     else:
         cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
-        pretrained, tokenizer, pre_info = pretrain(world, preset(cfg.model.preset), cfg.pretrain, cfg.run.seed,
+        pretrained, tokenizer, pre_info = pretrain(world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed,
                                                    cache, out / "pretrain", bf16, device)
+    pretrained = make_sparse(pretrained, cfg.model)
+    arch = pretrained.cfg
+    pre_info |= {"parameters": arch.num_parameters(), "active_parameters": arch.active_parameters(),
+                 "experts": arch.num_experts, "top_k": arch.moe_top_k if arch.num_experts else 0}
     pretrained = pretrained.with_config(hidden_dropout=cfg.model.hidden_dropout,
                                         attention_dropout=cfg.model.attention_dropout,
                                         kernel_backend=cfg.model.kernels).to(device)

@@ -67,6 +67,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
     best_score, best_step, best_state = -math.inf, None, None
     start, tokens, loss_value = time.perf_counter(), 0, float("nan")
     window_loss, window_n = torch.zeros((), device=device), 0
+    window_aux: dict[str, torch.Tensor] = {}  # MoE models: task loss, balance loss, z-loss
     logger.start(cfg.steps)
     for step in range(1, cfg.steps + 1):
         model.train()
@@ -83,15 +84,23 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
         opt.step()
         sched.step()
         window_loss, window_n = window_loss + loss.detach().float(), window_n + 1
+        for key in ("task_loss", "balance_loss", "z_loss"):
+            if key in out:
+                window_aux[key] = window_aux.get(key, 0.0) + out[key].detach().float()
         logger.advance()
         if step % cfg.log_every == 0 or step == cfg.steps:
             loss_value = window_loss.item() / window_n
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{logger.phase}: loss became {loss_value} by step {step}")
             elapsed = time.perf_counter() - start
+            extra = {k: round(v.item() / window_n, 6) for k, v in window_aux.items()}
+            router = getattr(getattr(model, "encoder", None), "router_stats", dict)()
+            if router:
+                extra |= {"max_expert_load": round(router["max_load"], 3), "dropped": router["dropped"],
+                          "tokens_per_expert": router["tokens_per_expert"]}
             logger.log(step=step, loss=loss_value, lr=sched.get_last_lr()[0],
-                       tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
-            window_loss, window_n = torch.zeros((), device=device), 0
+                       tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed, **extra)
+            window_loss, window_n, window_aux = torch.zeros((), device=device), 0, {}
         if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             score = evaluate()
             improved = score > best_score

@@ -4,10 +4,12 @@ from .attention import attention, attention_reference, attention_varlen
 from .cross_entropy import (cross_entropy, cross_entropy_reference, linear_cross_entropy,
                             linear_cross_entropy_reference)
 from .dispatch import BACKENDS, triton_ops
-from .moe import Dispatch, Routing, moe_permute, moe_route, moe_route_reference, moe_unpermute
+from .moe import (Dispatch, Routing, moe_expert_ffn, moe_expert_ffn_reference, moe_permute, moe_permute_reference,
+                  moe_route, moe_route_reference, moe_unpermute, moe_unpermute_reference)
 
 __all__ = [
     "BACKENDS", "Dispatch", "Routing", "attention", "attention_reference", "attention_varlen",
     "cross_entropy", "cross_entropy_reference", "linear_cross_entropy", "linear_cross_entropy_reference",
-    "moe_permute", "moe_route", "moe_route_reference", "moe_unpermute", "triton_ops",
+    "moe_expert_ffn", "moe_expert_ffn_reference", "moe_permute", "moe_permute_reference", "moe_route",
+    "moe_route_reference", "moe_unpermute", "moe_unpermute_reference", "triton_ops",
 ]

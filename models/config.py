@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 
 FAMILIES = ("roberta", "bert")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,20 @@ class EncoderConfig:
     # its own dense layer) or "bert" (BERT / mBERT: classification on the pooler output).
     family: str = "roberta"
     kernel_backend: str = "auto"  # kernels.dispatch: auto | torch | triton
+    # Mixture-of-Experts (0 experts = dense). Every `moe_every`-th layer (1 = all, 2 = every other, as
+    # GShard / Switch) replaces its FFN with `num_experts` experts of width `moe_expert_size` (0 = the dense
+    # intermediate_size), top-k routed; dropless unless moe_capacity_factor > 0 (for comparison only).
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_expert_size: int = 0
+    moe_router: str = "topk_softmax"  # softmax_topk | topk_softmax (renormalised) | sigmoid
+    moe_shared_expert: bool = False
+    moe_capacity_factor: float = 0.0
+    # Auxiliary losses added to the task loss (as Switch Transformer / HF router_aux_loss_coef): the
+    # load-balancing loss and the router z-loss, each averaged over the sparse layers.
+    moe_balance_coef: float = 0.01
+    moe_z_coef: float = 0.001
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -38,13 +53,32 @@ class EncoderConfig:
         if self.position_style not in ("roberta", "absolute"):
             raise ValueError(f"model: position_style {self.position_style!r}: expected roberta or absolute")
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                  "max_position_embeddings", "type_vocab_size"):
+                  "max_position_embeddings", "type_vocab_size", "moe_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"model: {f} must be >= 1, got {getattr(self, f)}")
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.moe_top_k <= self.num_experts):
+            raise ValueError(f"model: need num_experts >= 0 and 1 <= moe_top_k <= num_experts, got "
+                             f"{self.num_experts} experts, top-{self.moe_top_k}")
+        if self.moe_router not in ROUTERS:
+            raise ValueError(f"model: moe_router {self.moe_router!r}: expected one of {', '.join(ROUTERS)}")
+        if self.moe_expert_size < 0 or self.moe_capacity_factor < 0:
+            raise ValueError("model: moe_expert_size and moe_capacity_factor must be >= 0")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_expert_size or self.intermediate_size
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) has a Mixture-of-Experts FFN: every moe_every-th, ending at the last."""
+        return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return sum(self.is_sparse(i) for i in range(self.num_layers))
 
     @property
     def max_seq_len(self) -> int:
@@ -64,31 +98,51 @@ class EncoderConfig:
         return cls(**d)
 
     # ----- size accounting ---------------------------------------------------------------------------
-    def num_parameters(self, include_embeddings: bool = True, include_pooler: bool = True) -> int:
-        """Exact parameter count of models.Encoder with this config (tied MLM decoder not counted)."""
-        h, f, L = self.hidden_size, self.intermediate_size, self.num_layers
-        layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * (2 * h)
-        emb = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h
-        emb_norm = 2 * h if self.embedding_layer_norm else 0
-        final_norm = 2 * h if self.pre_layer_norm else 0
-        total = L * layer + emb_norm + final_norm
+    def _ffn_parameters(self) -> tuple[int, int]:
+        """(total, active per token) parameters of all FFNs together, dense and sparse layers."""
+        h, f = self.hidden_size, self.intermediate_size
+        dense = 2 * h * f + f + h
+        sparse_layers = self.num_sparse_layers
+        total = active = (self.num_layers - sparse_layers) * dense
+        if sparse_layers:
+            fe = self.expert_size
+            expert = 2 * h * fe + fe + h
+            shared = expert if self.moe_shared_expert else 0
+            router = h * self.num_experts
+            total += sparse_layers * (self.num_experts * expert + shared + router)
+            active += sparse_layers * (self.moe_top_k * expert + shared + router)
+        return total, active
+
+    def _other_parameters(self, include_embeddings: bool, include_pooler: bool) -> int:
+        h, L = self.hidden_size, self.num_layers
+        attention_and_norms = L * (4 * (h * h + h) + 2 * (2 * h))
+        total = attention_and_norms + (2 * h if self.embedding_layer_norm else 0)
+        total += 2 * h if self.pre_layer_norm else 0
         if include_embeddings:
-            total += emb
+            total += (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h
         if include_pooler:
             total += h * h + h
         return total
 
-    def active_parameters(self) -> int:
-        """Parameters used per token (equal to the total for dense models)."""
-        return self.num_parameters()
+    def num_parameters(self, include_embeddings: bool = True, include_pooler: bool = True) -> int:
+        """Exact parameter count of models.Encoder with this config (tied MLM decoder not counted)."""
+        return self._other_parameters(include_embeddings, include_pooler) + self._ffn_parameters()[0]
+
+    def active_parameters(self, include_embeddings: bool = True, include_pooler: bool = True) -> int:
+        """Parameters one token uses: all of a dense model; the router and top-k experts of a sparse one."""
+        return self._other_parameters(include_embeddings, include_pooler) + self._ffn_parameters()[1]
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> int:
-        """Matmul FLOPs per token of the encoder stack: 2 per multiply-add in the linear layers plus the
-        attention scores and weighted sum (4 * seq_len * hidden per layer); x3 for forward + backward."""
+        """Matmul FLOPs per token of the encoder stack: 2 per multiply-add in the linear layers (for MoE
+        layers: the router and the top-k experts a token uses) plus the attention scores and weighted sum
+        (4 * seq_len * hidden per layer); x3 for forward + backward."""
         h, f, L = self.hidden_size, self.intermediate_size, self.num_layers
-        linear = 2 * (4 * h * h + 2 * h * f)
-        attention = 4 * seq_len * h
-        forward = L * (linear + attention)
+        attention = 2 * 4 * h * h + 4 * seq_len * h
+        dense_ffn = 2 * 2 * h * f
+        k_experts = self.moe_top_k * 2 * 2 * h * self.expert_size + (2 * 2 * h * self.expert_size
+                                                                      if self.moe_shared_expert else 0)
+        sparse_ffn = k_experts + 2 * h * self.num_experts
+        forward = L * attention + (L - self.num_sparse_layers) * dense_ffn + self.num_sparse_layers * sparse_ffn
         return 3 * forward if training else forward
 
 
@@ -114,6 +168,23 @@ PRESETS: dict[str, EncoderConfig] = {
     "mbert-base": EncoderConfig(vocab_size=119547, max_position_embeddings=512, type_vocab_size=2,
                                 pad_token_id=0, layer_norm_eps=1e-12, position_style="absolute", family="bert"),
 }
+
+
+def moe_variant(dense: EncoderConfig, num_experts: int = 8, top_k: int = 2, match: str = "active",
+                every: int = 1) -> EncoderConfig:
+    """The Mixture-of-Experts twin of a dense config, matched on `active` parameters (experts of width
+    intermediate_size / top_k: the same FLOPs per token) or on `total` parameters (width intermediate_size /
+    num_experts: the same FFN parameter count)."""
+    if match not in ("active", "total"):
+        raise ValueError(f"moe_variant: match {match!r}: expected active or total")
+    width = dense.intermediate_size // (top_k if match == "active" else num_experts)
+    return replace(dense, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_expert_size=width)
+
+
+# MoE variants of every dense preset: <name>-moe8 (E=8, top-2, same active parameters / FLOPs per token) and
+# <name>-moe8-total (E=8, top-2, same total parameters).
+PRESETS |= {f"{name}-moe8{suffix}": moe_variant(cfg, 8, 2, match)
+            for name, cfg in list(PRESETS.items()) for suffix, match in (("", "active"), ("-total", "total"))}
 
 
 def preset(name: str, **overrides) -> EncoderConfig:

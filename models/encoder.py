@@ -9,11 +9,14 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 
 from .config import EncoderConfig
+from .ffn import FeedForward
+from .moe import MoEFeedForward
+
+__all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Pooler", "lengths_from_mask", "make_ffn"]
 
 
 def lengths_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,34 +72,36 @@ class SelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, S, heads * d))
 
 
-class FeedForward(nn.Module):
-    """The dense FFN (an MoE FFN with the same interface can replace it)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+def make_ffn(cfg: EncoderConfig, index: int) -> nn.Module:
+    """Layer `index`'s FFN: dense, or a Mixture-of-Experts where the config makes that layer sparse."""
+    if not cfg.is_sparse(index):
+        return FeedForward(cfg.hidden_size, cfg.intermediate_size)
+    return MoEFeedForward(cfg.hidden_size, cfg.expert_size, cfg.num_experts, cfg.moe_top_k,
+                          router_mode=cfg.moe_router, shared_expert=cfg.moe_shared_expert,
+                          capacity_factor=cfg.moe_capacity_factor or None, kernel_backend=cfg.kernel_backend)
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, index: int = 0):
         super().__init__()
         self.pre_norm = cfg.pre_layer_norm
         self.attn = SelfAttention(cfg)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = make_ffn(cfg, index)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def _ffn(self, x, lengths):
+        if isinstance(self.ffn, MoEFeedForward):  # route real tokens only: padding costs no expert FLOPs
+            return self.ffn(x, mask=torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])
+        return self.ffn(x)
 
     def forward(self, x, lengths):
         if self.pre_norm:
             x = x + self.dropout(self.attn(self.attn_norm(x), lengths))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+            return x + self.dropout(self._ffn(self.ffn_norm(x), lengths))
         x = self.attn_norm(x + self.dropout(self.attn(x, lengths)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return self.ffn_norm(x + self.dropout(self._ffn(x, lengths)))
 
 
 class Pooler(nn.Module):
@@ -116,7 +121,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
         self.pooler = Pooler(cfg)
         self.apply(self._init_weights)
@@ -125,6 +130,40 @@ class Encoder(nn.Module):
         """A copy with some config fields changed (dropout, kernel backend) and the same weights."""
         other = Encoder(replace(self.cfg, **changes))
         other.load_state_dict(self.state_dict())
+        return other
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
+
+    def router_stats(self) -> dict:
+        """The last forward's routing, summed over sparse layers: tokens per expert (per layer), the largest
+        expert load relative to a perfectly even one, and dropped assignments (capacity runs only)."""
+        moe = self.moe_layers()
+        if not moe:
+            return {}
+        counts = torch.stack([m.last_stats["tokens_per_expert"] for m in moe]).float()  # (layers, E)
+        even = counts.sum(dim=1, keepdim=True).clamp(min=1) / counts.shape[1]
+        return {"tokens_per_expert": counts.long().tolist(),
+                "max_load": float((counts / even).max()),
+                "dropped": int(sum(int(m.last_stats["dropped"]) for m in moe))}
+
+    def upcycled(self, num_experts: int, top_k: int, every: int = 1, router: str = "topk_softmax") -> "Encoder":
+        """Sparse upcycling (Komatsuzaki et al. 2022): a copy whose sparse layers (every `every`-th) hold
+        `num_experts` copies of this encoder's dense FFN and a fresh router. With top-k-then-renormalise
+        routing the copy computes exactly this encoder's function until it is trained."""
+        if self.cfg.num_experts:
+            raise ValueError("upcycled: the encoder is already a Mixture-of-Experts")
+        cfg = replace(self.cfg, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_router=router,
+                      moe_expert_size=0)
+        other = Encoder(cfg)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not any(k.startswith(f"layers.{i}.ffn.") for i in range(cfg.num_layers) if cfg.is_sparse(i))}
+        missing, unexpected = other.load_state_dict(state, strict=False)
+        assert not unexpected and all(".ffn." in k for k in missing), (missing, unexpected)
+        for i, layer in enumerate(other.layers):
+            if cfg.is_sparse(i):
+                layer.ffn = MoEFeedForward.from_dense(self.layers[i].ffn, num_experts, top_k, router_mode=router,
+                                                      kernel_backend=cfg.kernel_backend)
         return other
 
     @staticmethod
@@ -137,6 +176,11 @@ class Encoder(nn.Module):
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
+        if isinstance(m, MoEFeedForward):  # experts as the dense FFN would be initialised
+            for w in (m.w_up, m.w_down):
+                nn.init.normal_(w, std=0.02)
+            for b in (m.b_up, m.b_down):
+                nn.init.zeros_(b)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, lengths=None,
                 output_hidden_states=False):

@@ -174,4 +174,12 @@ class TaskModel(nn.Module):
     def forward(self, batch: dict) -> dict:
         hidden = self.encoder(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
                               lengths=batch["lengths"])
-        return self.head(hidden, batch)
+        out = self.head(hidden, batch)
+        moe = self.encoder.moe_layers()
+        if moe and "loss" in out:  # the routers' auxiliary losses join the objective
+            cfg = self.encoder.cfg
+            out["balance_loss"] = sum(m.last_stats["balance_loss"] for m in moe) / len(moe)
+            out["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
+            out["task_loss"] = out["loss"]
+            out["loss"] = out["loss"] + cfg.moe_balance_coef * out["balance_loss"] + cfg.moe_z_coef * out["z_loss"]
+        return out

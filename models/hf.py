@@ -102,6 +102,9 @@ def config_from_hf(hf: dict, source: str = "config.json") -> EncoderConfig:
 
 def _hf_stem(cfg: EncoderConfig) -> str:
     """The HF class-name stem for cfg, or an error naming the field no HF class can represent."""
+    if cfg.num_experts:
+        raise ModelLoadError("export: Mixture-of-Experts encoders (num_experts > 0) have no Hugging Face "
+                             "BERT / XLM-R class; they are saved in XLT's own layout")
     key = (cfg.family, cfg.pre_layer_norm)
     if key not in CLASS_STEM:
         raise ModelLoadError("export: pre_layer_norm=True exists in Hugging Face only as XLM-R XL "

@@ -134,3 +134,28 @@ def test_a_wrong_model_name_fails_before_writing(tmp_path):
     with pytest.raises(C.ConfigError, match="model.name: .*no such folder"):
         run_study(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("upcycle", [True, False])
+def test_moe_encoder_is_one_option(study, tmp_path, upcycle):
+    """model.arch = moe: upcycled from the cached dense pretraining, or pretrained sparse from scratch."""
+    root, first = study
+    cfg = C.load(None, [*_overrides(tmp_path / "moe", root / "cache"), ("model.arch", "moe"),
+                        ("model.experts", "4"), ("model.upcycle", str(upcycle).lower()),
+                        ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli")])
+    results = run_study(cfg)
+    pre = results["phases"]["pretrain"]
+    assert pre["experts"] == 4 and pre["top_k"] == 2 and pre["active_parameters"] < pre["parameters"]
+    assert pre["cached"] is upcycle  # upcycling reuses the dense pretraining
+    records = [json.loads(line) for line in (tmp_path / "moe" / "baseline" / "syn-xnli" / "metrics.jsonl")
+               .read_text().splitlines()]
+    logged = [r for r in records if "balance_loss" in r]
+    assert logged and all(r["max_expert_load"] >= 1.0 and len(r["tokens_per_expert"]) == 2 for r in logged)
+    assert 0 <= results["scores"]["baseline"]["syn-xnli"]["qsv"] <= 100
+    assert results["scores"]["baseline"]["syn-xnli"]["en"] > results["chance"]["syn-xnli"] + 10
+
+
+def test_unknown_arch_is_a_config_error(tmp_path):
+    cfg = C.load(None, [("run.out", str(tmp_path / "out")), ("model.arch", "sparse")])
+    with pytest.raises(C.ConfigError, match="model: arch 'sparse'"):
+        run_study(cfg)
