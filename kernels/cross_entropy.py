@@ -21,20 +21,18 @@ Layers, as in DESIGN.md:
 - `*_reference`: the simple unchunked oracle.
 
 Targets out of range raise ValueError on CPU tensors (a host check) and, on CUDA, only with
-XLT_CHECK_TARGETS=1 (the check syncs the host); otherwise the kernel gives such a row a NaN loss.
+XLT_CHECK_INPUTS=1 (the check syncs the host); otherwise the kernel gives such a row a NaN loss.
 Compute dtype: under autocast, the autocast dtype for the projections; otherwise fp32 for the twin and the
 input dtype for Triton. Softmax arithmetic is fp32 everywhere.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import dispatch
 
 REDUCTIONS = ("mean", "sum", "none")
-CHECK_TARGETS = os.environ.get("XLT_CHECK_TARGETS", "0") == "1"  # host-synchronising check on CUDA
 MIN_CHUNK_ROWS = 128  # below this the weight is re-read per chunk for little work (bandwidth bound)
 MIN_CHUNK_LOGITS = 1 << 22  # chunks may hold this many logits (16 MiB in fp32): small vocabularies in one go
 
@@ -53,8 +51,8 @@ def _check_options(op, logits_shape, target, ignore_index, label_smoothing, lse_
 
 
 def _check_target_range(op: str, target: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    # Host sync: done for CPU tensors, and on CUDA only when XLT_CHECK_TARGETS=1.
-    if target.is_cuda and not CHECK_TARGETS:
+    # Host sync: done for CPU tensors, and on CUDA only when XLT_CHECK_INPUTS=1.
+    if not dispatch.host_checks(target):
         return
     valid = target != ignore_index
     if valid.any():

@@ -49,5 +49,11 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     return "triton"
 
 
+def host_checks(t: torch.Tensor) -> bool:
+    """Whether to run input checks that read tensor values back to the host: always for CPU tensors; on a
+    GPU only with XLT_CHECK_INPUTS=1, since they would synchronise every call."""
+    return t.device.type == "cpu" or os.environ.get("XLT_CHECK_INPUTS", "0") == "1"
+
+
 def triton_impl(op: str) -> Callable:
     return _TRITON_OPS[op]

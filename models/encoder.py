@@ -1,11 +1,14 @@
 """The XLT encoder: BERT / XLM-R compatible, single-device, calling only `kernels` for attention.
 
 Post-layer-norm blocks (BERT, XLM-R base/large) or pre-layer-norm blocks with a final norm (XLM-R XL/XXL).
-Inputs are right-padded batches; padding is given to the attention kernel as per-sequence lengths.
+Inputs are right-padded batches. The encoder unpads once after the embeddings and runs every layer on the
+packed real tokens (total_tokens, hidden) with variable-length attention (`kernels.attention_varlen`), so
+padding costs no FLOPs anywhere; outputs are re-padded at the end (padding positions hold zeros).
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,13 +66,14 @@ class SelfAttention(nn.Module):
         self.cfg = cfg
         self.q, self.k, self.v, self.o = (nn.Linear(h, h) for _ in range(4))
 
-    def forward(self, x, lengths):
-        B, S, _ = x.shape
+    def forward(self, x, seqs: "Packing"):
+        """x: (total_tokens, hidden) packed rows of the sequences described by `seqs`."""
         heads, d = self.cfg.num_heads, self.cfg.head_dim
-        q, k, v = (proj(x).view(B, S, heads, d).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (proj(x).view(-1, heads, d) for proj in (self.q, self.k, self.v))
         p = self.cfg.attention_dropout if self.training else 0.0
-        out = kernels.attention(q, k, v, lengths=lengths, dropout_p=p, backend=self.cfg.kernel_backend)
-        return self.o(out.transpose(1, 2).reshape(B, S, heads * d))
+        out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
+                                       backend=self.cfg.kernel_backend)
+        return self.o(out.reshape(-1, heads * d))
 
 
 def make_ffn(cfg: EncoderConfig, index: int) -> nn.Module:
@@ -91,17 +95,36 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def _ffn(self, x, lengths):
-        if isinstance(self.ffn, MoEFeedForward):  # route real tokens only: padding costs no expert FLOPs
-            return self.ffn(x, mask=torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])
-        return self.ffn(x)
-
-    def forward(self, x, lengths):
+    def forward(self, x, seqs: "Packing"):
+        """x: (total_tokens, hidden), real tokens only (so an MoE FFN routes no padding)."""
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), lengths))
-            return x + self.dropout(self._ffn(self.ffn_norm(x), lengths))
-        x = self.attn_norm(x + self.dropout(self.attn(x, lengths)))
-        return self.ffn_norm(x + self.dropout(self._ffn(x, lengths)))
+            x = x + self.dropout(self.attn(self.attn_norm(x), seqs))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, seqs)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Packing(NamedTuple):
+    """Where the real tokens of a right-padded (B, S) batch sit: flat indices into B*S, and the
+    flash-attn-style cu_seqlens (B+1,) / max_seqlen of the packed layout."""
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch: int
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, seq_len: int) -> "Packing":
+        lengths = lengths.to(torch.int32)
+        real = torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+        cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        return cls(real.reshape(-1).nonzero().squeeze(1), cu, seq_len, lengths.shape[0])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])[self.index]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((self.batch * self.max_seqlen, x.shape[-1])).index_copy(0, self.index, x)
+        return out.view(self.batch, self.max_seqlen, x.shape[-1])
 
 
 class Pooler(nn.Module):
@@ -189,12 +212,16 @@ class Encoder(nn.Module):
         if lengths is None:
             lengths = (lengths_from_mask(attention_mask) if attention_mask is not None
                        else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device))
-        x = self.embeddings(input_ids, token_type_ids)
+        elif lengths.shape != (input_ids.shape[0],) or bool((lengths > input_ids.shape[1]).any()):
+            raise ValueError(f"lengths must be ({input_ids.shape[0]},) values <= {input_ids.shape[1]}")
+        seqs = Packing.from_lengths(lengths, input_ids.shape[1])
+        x = seqs.pack(self.embeddings(input_ids, token_type_ids))  # unpadded from here on
         states = [x]
         for layer in self.layers:
-            x = layer(x, lengths)
+            x = layer(x, seqs)
             states.append(x)
         if self.final_norm is not None:
-            x = self.final_norm(x)
-            states[-1] = x
-        return states if output_hidden_states else x
+            states[-1] = self.final_norm(x)
+        if output_hidden_states:
+            return [seqs.unpack(s) for s in states]
+        return seqs.unpack(states[-1])

@@ -290,7 +290,7 @@ def test_errors_name_the_problem(backend):
 
 
 def test_unchecked_kernel_path_marks_bad_targets_with_nan():
-    # On CUDA without XLT_CHECK_TARGETS there is no host check: the kernel must not read out of bounds and
+    # On CUDA without XLT_CHECK_INPUTS there is no host check: the kernel must not read out of bounds and
     # must make the bad row visible (the trainer stops on a non-finite loss).
     x = torch.randn(3, 8)
     loss = ce._ce_rows_triton(x, torch.tensor([1, 8, -5]), -100, 0.0, 0.0, torch.ones(()), None)

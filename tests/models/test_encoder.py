@@ -34,18 +34,31 @@ def test_hidden_states_and_parameter_count():
     assert sum(p.numel() for p in enc.parameters()) == cfg.num_parameters()
 
 
-def test_encoder_calls_the_attention_kernel(monkeypatch):
+def test_encoder_runs_unpadded_through_the_varlen_attention_kernel(monkeypatch):
     calls = []
-    real = kernels.attention
+    real = kernels.attention_varlen
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("lengths"))
-        return real(*args, **kwargs)
+    def spy(q, k, v, cu_seqlens, max_seqlen, **kwargs):
+        calls.append((q.shape[0], cu_seqlens.tolist(), max_seqlen))
+        return real(q, k, v, cu_seqlens, max_seqlen, **kwargs)
 
-    monkeypatch.setattr(kernels, "attention", spy)
+    monkeypatch.setattr(kernels, "attention_varlen", spy)
     cfg = _cfg()
-    Encoder(cfg)(torch.randint(0, 50, (2, 5)), lengths=torch.tensor([5, 3]))
-    assert len(calls) == cfg.num_layers and calls[0].tolist() == [5, 3]
+    out = Encoder(cfg)(torch.randint(0, 50, (2, 5)), lengths=torch.tensor([5, 3]))
+    assert calls == [(8, [0, 5, 8], 5)] * cfg.num_layers  # 8 real tokens, no padding rows
+    assert out.shape == (2, 5, cfg.hidden_size) and torch.all(out[1, 3:] == 0)  # padding re-inserted as zeros
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_triton_attention_encoder_matches_the_twin_encoder(pre_ln):
+    torch.manual_seed(torch.seed() % 2**31)
+    cfg = _cfg(pre_layer_norm=pre_ln, hidden_size=64, num_heads=2)  # head_dim 32
+    twin = Encoder(cfg).eval()
+    fast = twin.with_config(kernel_backend="triton").eval()
+    ids, lengths = torch.randint(1, 50, (3, 11)), torch.tensor([11, 4, 1])
+    out = fast(ids, lengths=lengths)
+    torch.testing.assert_close(out, twin(ids, lengths=lengths), atol=1e-5, rtol=1e-5)
+    assert torch.all(out[torch.arange(11)[None, :] >= lengths[:, None]] == 0)
 
 
 def test_left_padding_is_rejected():

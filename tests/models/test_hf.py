@@ -53,12 +53,13 @@ def _batch(pad_id, padded, shape=(3, 11)):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("padded", [False, True])
-def test_encoder_matches_transformers(tmp_path, family, padded):
+@pytest.mark.parametrize("family,padded,backend", [(f, p, "auto") for f in FAMILIES for p in (False, True)]
+                         + [("xlm-roberta", True, "triton"), ("xlm-roberta-xl", True, "triton")])
+def test_encoder_matches_transformers(tmp_path, family, padded, backend):
+    """backend auto is the PyTorch twin on CPU; triton runs our FlashAttention kernel (interpreter)."""
     ref = _randomise(_hf_model(family))
     ref.save_pretrained(tmp_path)
-    enc = hf.load_encoder(tmp_path).eval()
+    enc = hf.load_encoder(tmp_path, kernel_backend=backend).eval()
     ids, mask = _batch(ref.config.pad_token_id, padded)
     with torch.no_grad():
         theirs = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
