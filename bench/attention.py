@@ -26,7 +26,6 @@ CPU: perf_counter.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .env import environment
+from .env import append_row, environment
 
 IMPLS = ("xlt_varlen", "xlt_padded", "sdpa_flash", "sdpa_efficient_mask", "sdpa_cudnn_mask", "sdpa_math_mask",
          "varlen_attn", "flash_attn")
@@ -237,11 +236,7 @@ def main(argv=None) -> int:
                         row["error"] = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-                with open(out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                shown = {k: row.get(k) for k in ("impl", "shape", "mode", "time_ms", "tflops", "max_err")}
-                print(json.dumps(shown | ({"note": row.get("skipped") or row.get("error")} if "time_ms" not in row
-                                         else {})), flush=True)
+                append_row(out, row, ("impl", "shape", "mode", "time_ms", "tflops", "max_err"))
     return 0
 
 

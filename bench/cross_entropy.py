@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .env import environment
+from .env import append_row, environment
 
 IMPLS = ("xlt", "eager", "torch_lce", "liger")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -217,11 +217,7 @@ def main(argv=None) -> int:
                 except torch.cuda.OutOfMemoryError as e:
                     row["error"] = f"out of memory: {str(e).splitlines()[0]}"
                 torch.cuda.empty_cache()
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            shown = {k: row.get(k) for k in ("impl", "n", "h", "v", "time_ms", "peak_extra_mib", "loss")}
-            print(json.dumps(shown | ({"note": row.get("skipped") or row.get("error")} if "time_ms" not in row
-                                     else {})), flush=True)
+            append_row(out, row, ("impl", "n", "h", "v", "time_ms", "peak_extra_mib", "loss"))
     return 0
 
 

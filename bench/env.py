@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -43,3 +44,14 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def append_row(path: Path, row: dict, show: tuple[str, ...]) -> None:
+    """Append one JSONL row and print its `show` fields (or why it has no measurement) on one line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    shown = {k: row.get(k) for k in show}
+    if "time_ms" not in row:
+        shown["note"] = row.get("skipped") or row.get("error")
+    print(json.dumps(shown), flush=True)
