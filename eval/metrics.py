@@ -17,8 +17,8 @@ import unicodedata
 from collections import Counter
 from typing import Callable, Mapping, Sequence
 
-__all__ = ["accuracy", "span_f1", "squad_scores", "mlqa_scores", "qa_score", "retrieval_accuracy", "score",
-           "METRIC_NAMES", "MLQA_LANGS"]
+__all__ = ["accuracy", "span_f1", "squad_scores", "mlqa_scores", "qa_score", "retrieval_accuracy", "bucc_f1",
+           "map_at_k", "score", "METRIC_NAMES", "MLQA_LANGS"]
 
 
 # ----- classification ---------------------------------------------------------------------------------------
@@ -241,8 +241,52 @@ def qa_score(scores: Mapping[str, float]) -> float:
     return (scores["exact_match"] + scores["f1"]) / 2
 
 
+# ----- retrieval: BUCC mining, Mewsli-X / LAReQA ranking -------------------------------------------------------
+def bucc_f1(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """BUCC 2018: precision/recall/f1 (0-100) of the predicted "src_id<TAB>tgt_id" pairs against the gold pairs,
+    both as sets (duplicates count once), as evaluate.py's `bucc_f1` computes them."""
+    gold = {tuple(line.split("\t")) for line in labels}
+    pred = {tuple(line.split("\t")) for line in predictions}
+    if not gold:
+        raise ValueError("bucc_f1: no gold pairs to score")
+    correct = len(gold & pred)
+    if correct == 0:
+        return {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+    p, r = correct / len(pred), correct / len(gold)
+    return {"f1": 2 * p * r / (p + r) * 100, "precision": p * 100, "recall": r * 100}
+
+
+def _average_precision_at_k(targets, ranked: Sequence[str], k: int) -> float:
+    """AP@k as xtreme's utils_lareqa computes it; with one target it is utils_mewslix's reciprocal rank."""
+    ranked = list(ranked)[:k]
+    score = hits = 0.0
+    for i, pred in enumerate(ranked):
+        if pred in targets and pred not in ranked[:i]:
+            hits += 1.0
+            score += hits / (i + 1.0)
+    return score / min(len(targets), k)
+
+
+def map_at_k(predictions: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
+             k: int = 20) -> float:
+    """Mean average precision at k (0-100) over the queries in `answers` (id -> correct ids), each ranked list in
+    `predictions` cut at k; a query without predictions scores 0. Mewsli-X (one gold entity per mention: the
+    official map@20 is its mean reciprocal rank, equal to AP@20 with one target) and LAReQA (several)."""
+    if len(answers) == 0:
+        raise ValueError("map@k: no queries to score")
+    ap = []
+    for qid, golds in answers.items():
+        if isinstance(golds, str) or len(golds) == 0:
+            raise ValueError(f"map@k: query {qid!r}: gold must be a non-empty list of ids")
+        ranked = predictions.get(qid, [])
+        if isinstance(ranked, str):
+            raise ValueError(f"map@k: query {qid!r}: predictions must be a list of ids, got a string")
+        ap.append(_average_precision_at_k({g.strip() for g in golds}, ranked, k))
+    return sum(ap) / len(ap) * 100
+
+
 # ----- dispatch ---------------------------------------------------------------------------------------------
-METRIC_NAMES = ("accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy")
+METRIC_NAMES = ("accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy", "bucc_f1", "map@20")
 
 
 def score(metric: str, predictions, labels, lang: str | None = None) -> dict[str, float]:
@@ -265,4 +309,10 @@ def score(metric: str, predictions, labels, lang: str | None = None) -> dict[str
             raise ValueError(f"mlqa needs the answer language: lang= one of {', '.join(MLQA_LANGS)}")
         out = mlqa_scores(predictions, labels, lang)
         return {"score": qa_score(out), **out}
+    if metric == "bucc_f1":
+        out = bucc_f1(predictions, labels)
+        return {"score": out["f1"], **out}
+    if metric == "map@20":
+        value = map_at_k(predictions, labels, 20)
+        return {"score": value, "map@20": value}
     raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRIC_NAMES)}")

@@ -8,12 +8,19 @@ tasks flow through the same pipeline):
               "answers": {"text": [str], "answer_start": [int]}}               (SQuAD, XQuAD, MLQA)
 - choice:    {"context": str, "endings": [str], "label": int}                  (HellaSwag, XCOPA)
 - retrieval: {"source": str, "target": str}, row i of a language aligned with row i  (Tatoeba)
+- mining:    {"side": "source" | "target", "id": str, "text": str}, plus {"side": "gold", "id": "src<TAB>tgt"}
+             rows for the gold pairs                                            (BUCC 2018)
+- ranking:   {"id": str, "query": str, "answers": [str]} and {"id": str, "candidate": str} rows
+             (Mewsli-X, LAReQA: scored from ranked candidate ids, mAP@20)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMATS = ("pair", "tagging", "qa", "choice", "retrieval")
+FORMATS = ("pair", "tagging", "qa", "choice", "retrieval", "mining", "ranking")
+# The models.heads kind each format trains (retrieval and mining use the bare encoder).
+HEADS = {"pair": "pair", "tagging": "tagging", "qa": "qa", "choice": "choice", "retrieval": "", "mining": "",
+         "ranking": "dual-encoder"}
 CATEGORIES = ("classification", "structured prediction", "question answering", "retrieval")
 
 
@@ -28,14 +35,20 @@ class TaskSpec:
     category: str = ""
     role: str = "target"  # target | intermediate
     description: str = ""
+    train_task: str = ""  # the English task a zero-shot model is fine-tuned on ("" when none is needed)
+    display_name: str = ""  # the benchmark's own name (XNLI, PAN-X, ...); `name` is the leaderboard folder
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"task {self.name}: format {self.format!r}: expected one of {', '.join(FORMATS)}")
 
     @property
+    def head(self) -> str:
+        return HEADS[self.format]
+
+    @property
     def needs_training(self) -> bool:
-        return self.format != "retrieval"
+        return self.format not in ("retrieval", "mining")
 
     @property
     def chance(self) -> float:

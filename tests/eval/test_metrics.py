@@ -307,4 +307,5 @@ def test_score_rejects_unknown_metric_and_missing_mlqa_language():
         score("bleu", [], [])
     with pytest.raises(ValueError, match="mlqa needs the answer language"):
         score("mlqa", {"q": "x"}, {"q": ["x"]})
-    assert set(metrics.METRIC_NAMES) == {"accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy"}
+    assert set(metrics.METRIC_NAMES) == {"accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy", "bucc_f1",
+                                         "map@20"}

@@ -1,0 +1,503 @@
+"""Task data as XLT rows (layouts in eval/tasks.py), from local files in the official raw formats or from the
+Hugging Face hub.
+
+- Local: `load_local(task, data_dir, lang, split)` finds the file under `data_dir` by the official file
+  names (`LOCAL_PATTERNS`, e.g. `xquad/xquad.de.json`, `tatoeba/tatoeba.deu-eng.deu`, `**/de_*-ud-test.conllu`)
+  and reads it with the format's reader (`read_*`), each usable on its own.
+- Hub: `load_hub(task, lang, split)` reads `eval.suites.HUB[task]` with `datasets.load_dataset` and converts
+  rows with `from_hub_row`. Offline (or unreachable) it raises DataUnavailable naming the dataset, config and
+  the local alternative.
+
+Pitfalls handled here: NLI labels are mapped by name (XTREME files order them contradiction / entailment /
+neutral, Hugging Face entailment / neutral / contradiction); TyDiQA-GoldP training keeps the English slice
+only; UD-POS concatenates every treebank of the language, UPOS column, multiword-token and empty-node lines
+skipped; Tatoeba rows stay aligned (the leaderboard's sorted-English indices are `tatoeba_sorted_positions`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from .languages import LANGUAGES, iso3, language
+from .suites import HUB, any_task
+from .tasks import TaskSpec
+
+
+class DataUnavailable(RuntimeError):
+    """Data that cannot be found or reached; the message says which and how to provide it."""
+
+
+class FormatError(ValueError):
+    """A data file that does not have the expected format; the message names the file and line."""
+
+
+# ----- readers: one per official file format ---------------------------------------------------------------
+def read_squad_json(path: str | Path) -> list[dict]:
+    """SQuAD v1.1 / v2.0 JSON (also XQuAD, MLQA, TyDiQA-GoldP): one row per question. SQuAD v2.0's
+    unanswerable questions get empty answer lists."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = []
+        for article in data["data"]:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    answers = [] if qa.get("is_impossible") else qa["answers"]
+                    rows.append({"id": qa["id"], "context": paragraph["context"], "question": qa["question"],
+                                 "answers": {"text": [a["text"] for a in answers],
+                                             "answer_start": [a["answer_start"] for a in answers]}})
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{path}: not valid JSON ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise FormatError(f"{path}: not SQuAD-format JSON (data -> paragraphs -> qas), missing {err}") from None
+    return rows
+
+
+def _label_id(task: TaskSpec, name: str, where: str) -> int:
+    """A class index by label NAME in the task's own order (never by another dataset's index)."""
+    aliases = {"e": "entailment", "n": "neutral", "c": "contradiction", "contradictory": "contradiction"}
+    name = aliases.get(name.strip(), name.strip())
+    if name not in task.labels:
+        raise FormatError(f"{where}: label {name!r} is not one of {', '.join(task.labels)}")
+    return task.labels.index(name)
+
+
+def _tsv_rows(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+def read_pair_tsv(path: str | Path, task: TaskSpec, lang: str | None = None) -> list[dict]:
+    """Sentence-pair tsv: with a header naming sentence1/sentence2 (or question1/question2) and gold_label /
+    label / is_duplicate columns (XNLI-1.0 `xnli.test.tsv` with its `language` column, PAWS-X, GLUE MNLI/QQP),
+    or XTREME's header-less `sentence1<TAB>sentence2<TAB>label`. Labels are matched by name."""
+    path = Path(path)
+    lines = _tsv_rows(path)
+    if not lines:
+        raise FormatError(f"{path}: empty file")
+    header = lines[0]
+    if "sentence1" in header or "question1" in header:
+        first = "sentence1" if "sentence1" in header else "question1"
+        second = "sentence2" if first == "sentence1" else "question2"
+        label = next((c for c in ("gold_label", "label", "is_duplicate") if c in header), None)
+        if label is None:
+            raise FormatError(f"{path}:1: no gold_label / label / is_duplicate column in the header")
+        cols = {name: header.index(name) for name in (first, second, label)}
+        lang_col = header.index("language") if "language" in header else None
+        body, start = lines[1:], 2
+    else:
+        cols, lang_col, body, start = {"s1": 0, "s2": 1, "label": 2}, None, lines, 1
+        first, second, label = "s1", "s2", "label"
+    rows = []
+    for n, fields in enumerate(body, start):
+        if len(fields) <= max(cols.values()):
+            raise FormatError(f"{path}:{n}: {len(fields)} tab-separated fields, expected at least "
+                              f"{max(cols.values()) + 1}")
+        if lang_col is not None and lang is not None and fields[lang_col] != lang:
+            continue
+        name = fields[cols[label]]
+        if task.labels == ("not_duplicate", "duplicate") and name in ("0", "1"):
+            name = task.labels[int(name)]
+        rows.append({"sentence1": fields[cols[first]], "sentence2": fields[cols[second]],
+                     "label": _label_id(task, name, f"{path}:{n}")})
+    return rows
+
+
+def read_conll(path: str | Path) -> list[dict]:
+    """Token<TAB>tag lines, sentences separated by blank lines (PAN-X / WikiANN, XTREME's tagging tsv, CCG).
+    WikiANN's raw `lang:token` prefix is removed. A file without tags (test inputs) gets no `tags`."""
+    path = Path(path)
+    rows, tokens, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                if tokens:
+                    rows.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or not fields[-1]:
+                raise FormatError(f"{path}:{n}: expected token<TAB>tag")
+            token = fields[0]
+            if ":" in token[:4] and token.split(":", 1)[0].isalpha() and len(token.split(":", 1)[0]) in (2, 3):
+                token = token.split(":", 1)[1]  # WikiANN raw files: "en:Paris"
+            tokens.append(token)
+            tags.append(fields[-1])
+    if tokens:
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def read_conllu(path: str | Path) -> list[dict]:
+    """Universal Dependencies .conllu: word forms and the UPOS column. Comment lines, multiword-token ranges
+    (1-2) and empty nodes (1.1) are skipped; as XTREME does, zero-width non-joiners and spaces inside a
+    word are removed, and sentences whose words are all '_' (treebanks shipped without text) dropped."""
+    path = Path(path)
+    rows, tokens, tags = [], [], []
+
+    def close():
+        num_empty = sum(t == "_" for t in tokens)
+        if tokens and (num_empty == 0 or num_empty < len(tokens) - 1):
+            rows.append({"tokens": list(tokens), "tags": list(tags)})
+        tokens.clear()
+        tags.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                close()
+                continue
+            if line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            if len(fields) != 10:
+                raise FormatError(f"{path}:{n}: {len(fields)} tab-separated fields, a .conllu line has 10")
+            if "-" in fields[0] or "." in fields[0]:
+                continue
+            tokens.append("".join(fields[1].replace("\u200c", "").split(" ")))
+            tags.append(fields[3])
+    close()
+    return rows
+
+
+def read_tatoeba(source_path: str | Path, english_path: str | Path) -> list[dict]:
+    """Tatoeba `tatoeba.<iso3>-eng.<iso3>` and `.eng`: line i of one is the translation of line i of the other."""
+    src = Path(source_path).read_text(encoding="utf-8").splitlines()
+    eng = Path(english_path).read_text(encoding="utf-8").splitlines()
+    if len(src) != len(eng):
+        raise FormatError(f"{source_path}: {len(src)} lines but {english_path} has {len(eng)}; the files must be "
+                          "line-aligned")
+    return [{"source": s.strip(), "target": t.strip()} for s, t in zip(src, eng)]
+
+
+def tatoeba_sorted_positions(targets: list[str]) -> list[int]:
+    """Position of each English line in XTREME's alphabetically sorted English file (a stable sort, so equal
+    lines keep their order): the leaderboard's labels, and the form a prediction index is written in."""
+    order = sorted(range(len(targets)), key=lambda i: targets[i])
+    position = [0] * len(targets)
+    for pos, i in enumerate(order):
+        position[i] = pos
+    return position
+
+
+def _id_sentences(path: Path) -> list[tuple[str, str]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2:
+                raise FormatError(f"{path}:{n}: expected id<TAB>sentence")
+            out.append((fields[0], fields[1].strip()))
+    return out
+
+
+def read_bucc(folder: str | Path, lang: str, split: str) -> list[dict]:
+    """BUCC 2018 `<lang>-en.<split>.<lang>`, `.en` (id<TAB>sentence) and, when present, `.gold`
+    (src_id<TAB>en_id) in `folder`, as mining rows."""
+    folder = Path(folder)
+    prefix = folder / f"{lang}-en.{split}"
+    rows = []
+    for side, suffix in (("source", lang), ("target", "en")):
+        path = Path(f"{prefix}.{suffix}")
+        if not path.is_file():
+            raise DataUnavailable(f"bucc2018 {lang} {split}: {path} is missing")
+        rows += [{"side": side, "id": i, "text": s} for i, s in _id_sentences(path)]
+    gold = Path(f"{prefix}.gold")
+    if gold.is_file():
+        rows += [{"side": "gold", "id": "\t".join(line.split())} for line in gold.read_text().splitlines() if line]
+    return rows
+
+
+def _jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise FormatError(f"{path}:{n}: not a JSON line ({err})") from None
+    return out
+
+
+COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+
+
+def copa_row(record: dict, where: str) -> dict:
+    """XCOPA / COPA: the premise with its question as context, the two alternatives as endings."""
+    try:
+        question = record["question"]
+        return {"context": f"{record['premise']} {COPA_QUESTIONS[question]}", "question": question,
+                "endings": [record["choice1"], record["choice2"]], "label": int(record["label"])}
+    except (KeyError, TypeError, ValueError) as err:
+        raise FormatError(f"{where}: expected premise, choice1, choice2, question (cause/effect), label: "
+                          f"{err!r}") from None
+
+
+def read_xcopa_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    return [copa_row(r, f"{path}:{n}") for n, r in enumerate(_jsonl(path), 1)]
+
+
+def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise FormatError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def read_nli_records(path: str | Path, task: TaskSpec) -> list[dict]:
+    """ANLI: the official jsonl (context, hypothesis, label e/n/c) or its analysis CSV (context, statement,
+    gold_label); labels by name."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            records = [(n, r) for n, r in enumerate(csv.DictReader(f), 2)]
+        keys = ("context", "statement", "gold_label")
+    else:
+        records = list(enumerate(_jsonl(path), 1))
+        keys = ("context", "hypothesis", "label")
+    rows = []
+    for n, r in records:
+        _require(r, keys, f"{path}:{n}")
+        rows.append({"sentence1": r[keys[0]], "sentence2": r[keys[1]],
+                     "label": _label_id(task, str(r[keys[2]]), f"{path}:{n}")})
+    return rows
+
+
+def read_choice_records(path: str | Path, task: TaskSpec) -> list[dict]:
+    """HellaSwag jsonl (ctx, endings, label), CommonsenseQA jsonl (question.stem, question.choices,
+    answerKey), Cosmos QA CSV (context, question, answer0..3, label)."""
+    path = Path(path)
+    rows = []
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            for n, r in enumerate(csv.DictReader(f), 2):
+                _require(r, ("context", "question", "answer0", "label"), f"{path}:{n}")
+                rows.append({"context": f"{r['context']} {r['question']}",
+                             "endings": [r[f"answer{i}"] for i in range(task.num_choices)], "label": int(r["label"])})
+        return rows
+    for n, r in enumerate(_jsonl(path), 1):
+        where = f"{path}:{n}"
+        if "ctx" in r:
+            _require(r, ("endings", "label"), where)
+            rows.append({"context": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])})
+        elif isinstance(r.get("question"), dict):
+            _require(r, ("answerKey",), where)
+            choices = r["question"]["choices"]
+            keys = [c["label"] for c in choices]
+            if r["answerKey"] not in keys:
+                raise FormatError(f"{where}: answerKey {r['answerKey']!r} is not one of {keys}")
+            rows.append({"context": r["question"]["stem"], "endings": [c["text"] for c in choices],
+                         "label": keys.index(r["answerKey"])})
+        else:
+            raise FormatError(f"{where}: neither HellaSwag (ctx, endings, label) nor CommonsenseQA "
+                              "(question.stem, question.choices, answerKey)")
+    return rows
+
+
+# ----- local files: official names per task ------------------------------------------------------------------
+# Glob patterns under data_dir, first match wins ({lang}, {iso3}, {name}: the language's code, Tatoeba code,
+# English name; {split}: train / dev / test, with the official spellings in SPLIT_NAMES).
+LOCAL_PATTERNS: dict[str, tuple[str, ...]] = {
+    "xnli": ("xnli/{split}-{lang}.tsv", "XNLI-1.0/xnli.{split}.tsv", "**/xnli.{split}.tsv"),
+    "pawsx": ("pawsx/{split}-{lang}.tsv", "x-final/{lang}/{split}_2k.tsv", "x-final/{lang}/{split}.tsv"),
+    "panx": ("panx/{split}-{lang}.tsv", "panx_dataset/{lang}/{split}", "**/{lang}/{split}"),
+    "udpos": ("udpos/{split}-{lang}.tsv", "**/{lang}_*-ud-{split}.conllu"),
+    "xquad": ("xquad/xquad.{lang}.json", "**/xquad.{lang}.json"),
+    "mlqa": ("**/{split}-context-{lang}-question-{lang}.json",),
+    "tydiqa": ("**/tydiqa-goldp-v1.1-{split}.json", "**/tydiqa-goldp-{split}-{lowername}.json"),
+    "tatoeba": ("tatoeba/tatoeba.{iso3}-eng.{iso3}", "**/tatoeba.{iso3}-eng.{iso3}"),
+    "bucc2018": ("bucc2018/{lang}-en.{split}.{lang}", "**/{lang}-en.{split}.{lang}"),
+    "xcopa": ("xcopa/{lang}/{split}.{lang}.jsonl", "**/{split}.{lang}.jsonl"),
+    "squad": ("**/{split}-v1.1.json",),
+    "squad_v2": ("**/{split}-v2.0.json",),
+    "mnli": ("**/MNLI/{split}.tsv", "**/mnli/{split}.tsv"),
+    "qqp": ("**/QQP/{split}.tsv", "**/qqp/{split}.tsv"),
+    "anli": ("**/R1/{split}.jsonl", "**/ANLI_analysis_r1_{split}.csv"),
+    "hellaswag": ("**/hellaswag_{split}.jsonl",),
+    "cosmosqa": ("**/cosmosqa/{split}.csv", "**/{split}.csv"),
+    "commonsenseqa": ("**/{split}_rand_split.jsonl",),
+    "ccg": ("ccg/{split}.tsv", "**/ccg/{split}.tsv"),
+}
+# Each dataset's own name for a split, tried in order.
+SPLIT_NAMES = {
+    "xnli": {"dev": ("dev",)}, "pawsx": {"dev": ("dev",), "train": ("train",)},
+    "udpos": {"dev": ("dev",)}, "tydiqa": {"dev": ("dev",)}, "xcopa": {"dev": ("val", "dev")},
+    "bucc2018": {"dev": ("dev", "sample"), "train": ("training",)}, "mnli": {"dev": ("dev_matched",)},
+    "squad": {"dev": ("dev",)}, "squad_v2": {"dev": ("dev",)}, "hellaswag": {"dev": ("val",)},
+    "cosmosqa": {"dev": ("valid", "dev")}, "commonsenseqa": {"dev": ("dev",)},
+}
+SPLITS = ("train", "dev", "test")
+
+
+def find_local(task: str, data_dir: str | Path, lang: str, split: str) -> Path:
+    """The local file for (task, lang, split) under data_dir, or DataUnavailable listing what was tried."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    data_dir = Path(data_dir)
+    if task not in LOCAL_PATTERNS:
+        raise ValueError(f"task {task!r} has no local file patterns; known: {', '.join(LOCAL_PATTERNS)}")
+    entry = language(lang)
+    tried = []
+    for split_name in SPLIT_NAMES.get(task, {}).get(split, (split,)):
+        for pattern in LOCAL_PATTERNS[task]:
+            glob = pattern.format(lang=lang, split=split_name, iso3=entry.iso3 or lang, name=entry.name,
+                                  lowername=entry.name.lower())
+            tried.append(glob)
+            matches = sorted(p for p in data_dir.glob(glob) if p.is_file())
+            if matches:
+                return matches[0]
+    raise DataUnavailable(f"{task} {lang} {split}: no local file under {data_dir} (tried {', '.join(tried)})")
+
+
+def load_local(task_name: str, data_dir: str | Path, lang: str, split: str = "test") -> list[dict]:
+    """Rows of (task, lang, split) from the official raw files under data_dir."""
+    task = any_task(task_name)
+    if task_name == "udpos" and split != "train":
+        # XTREME concatenates every treebank of the language.
+        files = sorted(p for p in Path(data_dir).glob(f"**/{lang}_*-ud-{split}.conllu") if p.is_file())
+        if files:
+            return [row for f in files for row in read_conllu(f)]
+    path = find_local(task_name, data_dir, lang, split)
+    if task_name == "tatoeba":
+        return read_tatoeba(path, path.with_suffix(".eng"))
+    if task_name == "bucc2018":
+        return read_bucc(path.parent, lang, path.name.split(".")[1])
+    if path.suffix == ".conllu":
+        return read_conllu(path)
+    if task.format == "qa":
+        rows = read_squad_json(path)
+        if task_name == "tydiqa" and split == "train":
+            rows = english_slice(rows)
+        return rows
+    if task.format == "tagging":
+        return read_conll(path)
+    if task.format == "choice":
+        return read_xcopa_jsonl(path) if task_name == "xcopa" else read_choice_records(path, task)
+    if task_name == "anli":
+        return read_nli_records(path, task)
+    return read_pair_tsv(path, task, lang)
+
+
+def english_slice(rows: list[dict]) -> list[dict]:
+    """TyDiQA-GoldP rows whose id starts with 'english' (ids are '<language>-<number>...'): XTREME fine-tunes on
+    these only; jiant's downloader mixed every language in, which is not zero-shot."""
+    return [r for r in rows if r["id"].startswith("english")]
+
+
+# ----- Hugging Face hub ---------------------------------------------------------------------------------------
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_config(task_name: str, lang: str) -> str:
+    source = HUB[task_name]
+    iso = iso3(lang) if "{iso3}" in source.config else ""
+    return source.config.format(lang=lang, name=language(lang).name, iso3=iso)
+
+
+def _unavailable(task_name: str, lang: str, reason: str) -> DataUnavailable:
+    source = HUB[task_name]
+    config = hub_config(task_name, lang)
+    what = f"{source.dataset}" + (f" (config {config})" if config else "")
+    patterns = ", ".join(LOCAL_PATTERNS.get(task_name, ()))
+    return DataUnavailable(f"{task_name} {lang}: the Hugging Face dataset {what} cannot be loaded: {reason}. "
+                           f"Download it where the hub is reachable, or pass the official files with --data-dir DIR "
+                           f"(looked up as {patterns})")
+
+
+def load_hub(task_name: str, lang: str, split: str = "test") -> list[dict]:
+    """Rows of (task, lang, split) from the Hugging Face hub; DataUnavailable when offline or unreachable."""
+    task = any_task(task_name)
+    if task_name not in HUB:
+        raise DataUnavailable(f"{task_name}: not on the Hugging Face hub (e.g. CCGbank is licensed); pass local "
+                              "files with --data-dir DIR")
+    if task_name == "bucc2018":
+        raise DataUnavailable("bucc2018: the hub config holds the gold pairs only, and mining needs the whole "
+                              "corpora: pass the BUCC 2018 files with --data-dir DIR "
+                              "(<lang>-en.{dev,test}.<lang>, .en, .gold)")
+    if _offline():
+        raise _unavailable(task_name, lang, "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set")
+    source = HUB[task_name]
+    hub_split = {"dev": "validation", "test": "test", "train": "train"}[split]
+    if task_name == "xquad" or task_name == "tatoeba":
+        hub_split = "validation"  # their only split is the benchmark's test set
+    if task_name == "mnli" and split == "dev":
+        hub_split = "validation_matched"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(source.dataset, hub_config(task_name, lang) or None, split=hub_split)
+    except Exception as err:  # network, missing config or split: all mean "not here"
+        raise _unavailable(task_name, lang, f"{type(err).__name__}: {err}") from None
+    names = {}
+    for key, feature in ds.features.items():
+        if hasattr(feature, "names"):
+            names[key] = feature.names
+        elif hasattr(getattr(feature, "feature", None), "names"):
+            names[key] = feature.feature.names
+    rows = [from_hub_row(task, r, names, lang) for r in ds]
+    rows = [r for r in rows if r is not None]
+    if task_name == "tydiqa" and split == "train":
+        rows = english_slice(rows)
+    return rows
+
+
+def from_hub_row(task: TaskSpec, r: dict, label_names: dict[str, list[str]], lang: str) -> dict | None:
+    """One hub row as an XLT row (None: a row of another language). ClassLabel ids are turned into names with
+    the dataset's own `label_names` first, then into the task's ids, so label orders never get mixed up."""
+    def named(key):
+        value = r[key]
+        return label_names[key][value] if key in label_names and isinstance(value, int) else str(value)
+
+    name = task.name
+    if task.format == "qa":
+        if name == "tydiqa" and lang != "en" and not r["id"].startswith(language(lang).name.lower()):
+            return None
+        return {"id": r["id"], "context": r["context"], "question": r["question"],
+                "answers": {"text": list(r["answers"]["text"]), "answer_start": list(r["answers"]["answer_start"])}}
+    if task.format == "pair":
+        if name == "xnli" and r.get("language", lang) != lang:
+            return None
+        first = next(k for k in ("sentence1", "premise", "question1") if k in r)
+        second = next(k for k in ("sentence2", "hypothesis", "question2") if k in r)
+        label_key = "gold_label" if "gold_label" in r else "label"
+        if r[label_key] == -1:  # GLUE/ANLI test rows carry no label
+            return None
+        return {"sentence1": r[first], "sentence2": r[second],
+                "label": _label_id(task, named(label_key), f"{name} hub row")}
+    if task.format == "tagging":
+        key = "ner_tags" if "ner_tags" in r else "pos_tags"
+        tags = [label_names[key][t] if isinstance(t, int) else t for t in r[key]]
+        return {"tokens": list(r["tokens"]), "tags": tags}
+    if task.format == "retrieval":
+        return {"source": r["source_sentence"].strip(), "target": r["target_sentence"].strip()}
+    if name == "xcopa":
+        return copa_row(r, "xcopa hub row")
+    if name == "hellaswag":
+        return {"context": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])}
+    if name == "cosmosqa":
+        return {"context": f"{r['context']} {r['question']}", "endings": [r[f"answer{i}"] for i in range(4)],
+                "label": int(r["label"])}
+    if name == "commonsenseqa":
+        keys = list(r["choices"]["label"])
+        return {"context": r["question"], "endings": list(r["choices"]["text"]), "label": keys.index(r["answerKey"])}
+    raise ValueError(f"{name}: no hub conversion for format {task.format}")
+
+
+def load(task_name: str, lang: str, split: str = "test", data_dir: str | Path | None = None) -> list[dict]:
+    """Local files when data_dir is given, the hub otherwise."""
+    if data_dir is not None:
+        return load_local(task_name, data_dir, lang, split)
+    return load_hub(task_name, lang, split)
+
+
+__all__ = ["DataUnavailable", "FormatError", "LANGUAGES", "load", "load_local", "load_hub", "find_local",
+           "from_hub_row", "read_squad_json", "read_pair_tsv", "read_conll", "read_conllu", "read_tatoeba",
+           "tatoeba_sorted_positions", "read_bucc", "read_xcopa_jsonl", "read_nli_records", "read_choice_records",
+           "english_slice"]

@@ -1,0 +1,233 @@
+"""Zero-shot evaluation of a model on XTREME / XTREME-R, written in the leaderboard layout.
+
+    python -m eval.run --model DIR|NAME --suite xtreme|xtreme-r [--tasks tatoeba,bucc2018,...]
+        [--checkpoint xnli=DIR ...] [--data-dir DIR] [--languages de,fr] [--layer N] [--pooling mean|cls]
+        [--out DIR]
+
+- Retrieval tasks use the encoder `--model` with no fine-tuning: Tatoeba nearest-neighbour accuracy, BUCC
+  mining with the ratio margin and the threshold tuned on the dev (sample) split, applied to test. The
+  sentence vector is the `--pooling` of hidden layer `--layer` (default: the middle layer; XTREME uses mean
+  pooling of layer 14, special tokens included, for XLM-R large).
+- Fine-tuned tasks (XNLI, PAWS-X, UD-POS, PAN-X, XQuAD, MLQA, TyDiQA, XCOPA) are run with the task model
+  exported by the engine for them, `--checkpoint TASK=DIR` (an English-fine-tuned model folder).
+- Data come from `--data-dir` (official raw files, see eval.loaders.LOCAL_PATTERNS) or the Hugging Face hub.
+
+Writes, under `--out` (default runs/eval-<suite>): `predictions/<task>/test-<lang>.<ext>` and the matching
+`labels/...` (so `python -m eval.score OUT/predictions OUT/labels` rescores them), `scores.json` (eval.score's
+JSON), `analysis.json` and `analysis.md` (eval.analysis, "XTREME-A"). Everything is written to a temporary
+folder and renamed at the end; errors print a message and exit with code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from . import analysis, loaders, retrieval
+from .score import ScoreError, score_task, write_json_atomically
+from .suites import SUITES, Suite
+
+RETRIEVAL = ("tatoeba", "bucc2018")
+UNSUPPORTED = ("mewslix", "lareqa")  # need a fine-tuned dual encoder and candidate sets XLT does not build yet
+
+
+class RunError(ValueError):
+    pass
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+# ----- retrieval --------------------------------------------------------------------------------------------
+def run_tatoeba(encoder, tokenizer, rows: list[dict], opts) -> tuple[str, str]:
+    """(prediction lines, label lines) as XTREME writes Tatoeba: indices into the sorted English file."""
+    src = retrieval.embed(encoder, tokenizer, [r["source"] for r in rows], opts.layer, opts.pooling, opts.max_len,
+                          opts.batch_size)
+    tgt = retrieval.embed(encoder, tokenizer, [r["target"] for r in rows], opts.layer, opts.pooling, opts.max_len,
+                          opts.batch_size)
+    position = loaders.tatoeba_sorted_positions([r["target"] for r in rows])
+    preds = [position[j] for j in retrieval.nearest(src, tgt)]
+    return "".join(f"{p}\n" for p in preds), "".join(f"{position[i]}\n" for i in range(len(rows)))
+
+
+def run_bucc(encoder, tokenizer, dev: list[dict], test: list[dict], opts) -> tuple[str, str]:
+    def candidates(rows):
+        vecs = {side: retrieval.embed(encoder, tokenizer, [r["text"] for r in rows if r["side"] == side], opts.layer,
+                                      opts.pooling, opts.max_len, opts.batch_size) for side in ("source", "target")}
+        return retrieval.mine_ids(rows, vecs["source"], vecs["target"])
+
+    gold_dev = {tuple(r["id"].split("\t")) for r in dev if r["side"] == "gold"}
+    if not gold_dev:
+        raise RunError("bucc2018: the dev (sample) split has no gold pairs to tune the threshold on")
+    threshold = retrieval.best_threshold(candidates(dev), gold_dev)
+    mined = [f"{s}\t{t}\n" for (s, t), value in candidates(test).items() if value >= threshold]
+    gold = [f"{r['id']}\n" for r in test if r["side"] == "gold"]
+    if not gold:
+        raise RunError("bucc2018: the test split has no gold pairs (.gold file) to score against")
+    return "".join(mined), "".join(gold)
+
+
+# ----- fine-tuned tasks -------------------------------------------------------------------------------------
+def run_finetuned(task, folder: str, rows: list[dict], opts) -> tuple[str, str]:
+    from engine.data import featurize
+    from engine.evaluate import predict
+    from models import hf
+
+    model, report = hf.load_task_model(folder)
+    tokenizer = hf.load_tokenizer(folder)
+    labels = list(task.labels)
+    gold_names = task.labels  # the rows' label ids index the task's own order
+    if task.format in ("pair", "tagging"):
+        names = report.labels or labels
+        if sorted(names) != sorted(labels):
+            raise RunError(f"{task.name}: checkpoint {folder} has labels {names}, the task needs {labels}")
+        # the model's ids follow its own label order: map back by name
+        task = type(task)(**{**task.__dict__, "labels": tuple(names)})
+    feats = featurize(task, rows, tokenizer, opts.max_len, opts.doc_stride)
+    preds = predict(model, task, rows, feats, opts.batch_size, tokenizer.pad_token_id)
+    if task.format == "pair":
+        return ("".join(f"{task.labels[p]}\n" for p in preds),
+                "".join(f"{gold_names[r['label']]}\n" for r in rows))
+    if task.format == "tagging":
+        return ("".join("".join(f"{t}\n" for t in s) + "\n" for s in preds),
+                "".join("".join(f"{t}\n" for t in r["tags"]) + "\n" for r in rows))
+    if task.format == "choice":
+        return ("".join(json.dumps({"label": p}) + "\n" for p in preds),
+                "".join(json.dumps({"label": r["label"]}) + "\n" for r in rows))
+    paragraphs = [{"context": r["context"], "qas": [{"id": r["id"], "question": r["question"], "answers": [
+        {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}
+        for r in rows]
+    return (json.dumps(preds, ensure_ascii=False), json.dumps({"data": [{"paragraphs": paragraphs}]},
+                                                               ensure_ascii=False))
+
+
+# ----- command ----------------------------------------------------------------------------------------------
+def _parse_checkpoints(items: list[str], suite: Suite) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise RunError(f"--checkpoint {item!r}: expected TASK=DIR")
+        if task not in suite.tasks:
+            raise RunError(f"--checkpoint {item!r}: unknown task {task!r} in {suite.name}")
+        if not Path(folder).is_dir():
+            raise RunError(f"--checkpoint {item!r}: {folder} is not a folder")
+        out[task] = folder
+    return out
+
+
+def plan_tasks(suite: Suite, requested: list[str] | None, checkpoints: dict[str, str]) -> list[str]:
+    """The tasks to run: as requested, or every suite task that needs no fine-tuning or has a checkpoint."""
+    if requested is None:
+        return [t for t in suite.tasks if t in RETRIEVAL or t in checkpoints]
+    for t in requested:
+        if t not in suite.tasks:
+            raise RunError(f"--tasks: unknown task {t!r} in {suite.name}; expected some of {', '.join(suite.tasks)}")
+        if t in UNSUPPORTED:
+            raise RunError(f"--tasks: {t} is not supported by eval.run yet (it needs a fine-tuned dual encoder); "
+                           "score its predictions with eval.score")
+        if t not in RETRIEVAL and t not in checkpoints:
+            raise RunError(f"--tasks: {t} needs a model fine-tuned on its English task: --checkpoint {t}=DIR")
+    return requested
+
+
+def run(opts) -> Path:
+    suite = SUITES[opts.suite]
+    checkpoints = _parse_checkpoints(opts.checkpoint, suite)
+    tasks = plan_tasks(suite, opts.tasks, checkpoints)
+    if not tasks:
+        raise RunError("nothing to run: give --tasks, or --checkpoint TASK=DIR for fine-tuned tasks")
+    langs = {t: [lang for lang in suite.task(t).languages if opts.languages is None or lang in opts.languages]
+             for t in tasks}
+    if opts.languages is not None:
+        unknown = sorted(set(opts.languages) - {lang for t in tasks for lang in suite.task(t).languages})
+        if unknown:
+            raise RunError(f"--languages: {', '.join(unknown)} not in the languages of {', '.join(tasks)}")
+    out = Path(opts.out or f"runs/eval-{opts.suite}")
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"--out {out}: exists and is not empty")
+    # Load all data before running anything, so a missing file fails fast.
+    data = {}
+    for t in tasks:
+        for lang in langs[t]:
+            data[t, lang] = loaders.load(t, lang, "test", opts.data_dir)
+            if t == "bucc2018":
+                data[t, lang, "dev"] = loaders.load(t, lang, "dev", opts.data_dir)
+    encoder = tokenizer = None
+    if any(t in RETRIEVAL for t in tasks):
+        from models import hf
+
+        encoder, tokenizer = hf.load_encoder(opts.model), hf.load_tokenizer(opts.model)
+        if opts.layer is None:
+            opts.layer = encoder.cfg.num_layers // 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for t in tasks:
+            ext = suite.extension(t)
+            for lang in langs[t]:
+                if t == "tatoeba":
+                    pred, gold = run_tatoeba(encoder, tokenizer, data[t, lang], opts)
+                elif t == "bucc2018":
+                    pred, gold = run_bucc(encoder, tokenizer, data[t, lang, "dev"], data[t, lang], opts)
+                else:
+                    pred, gold = run_finetuned(suite.task(t), checkpoints[t], data[t, lang], opts)
+                _write(tmp / "predictions" / t / f"test-{lang}.{ext}", pred)
+                _write(tmp / "labels" / t / f"test-{lang}.{ext}", gold)
+        detailed = {t: score_task(suite, t, tmp / "predictions", tmp / "labels", langs[t]) for t in tasks}
+        overall = {}
+        complete = {t for t in tasks if langs[t] == list(suite.task(t).languages)}
+        if complete == set(suite.tasks):
+            overall["all_task"] = sum(detailed[t]["avg_metric"] for t in suite.tasks) / len(suite.tasks)
+        for group, members in suite.groups.items():
+            if set(members) <= complete:
+                overall[group] = sum(detailed[t]["avg_metric"] for t in members) / len(members)
+        write_json_atomically(tmp / "scores.json", {**overall, **detailed})
+        view = analysis.suite_view(analysis.language_scores(detailed))
+        write_json_atomically(tmp / "analysis.json", view)
+        _write(tmp / "analysis.md", analysis.markdown(view))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="encoder for retrieval tasks: hub name or folder")
+    parser.add_argument("--suite", default="xtreme", choices=sorted(SUITES))
+    parser.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated tasks")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="TASK=DIR",
+                        help="fine-tuned model folder for a task (repeatable)")
+    parser.add_argument("--languages", type=lambda s: [t for t in s.split(",") if t], help="only these languages")
+    parser.add_argument("--data-dir", type=Path, help="official raw files (default: the Hugging Face hub)")
+    parser.add_argument("--layer", type=int, help="hidden layer for retrieval (0 = embeddings; default: middle)")
+    parser.add_argument("--pooling", default="mean", choices=retrieval.POOLINGS)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    opts = parser.parse_args(argv)
+    try:
+        out = run(opts)
+    except (RunError, ScoreError, loaders.DataUnavailable, loaders.FormatError) as err:
+        print(f"eval.run: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # e.g. a model folder that cannot be loaded, an out-of-range --layer
+        print(f"eval.run: {err}", file=sys.stderr)
+        return 2
+    print(analysis.markdown(json.loads((out / "analysis.json").read_text())), end="")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
