@@ -87,12 +87,6 @@ class ExpertParallelMoE(MoEFeedForward):
         y_received = y_local[torch.argsort(order)]
         return all_to_all(y_received, recv_splits, send_splits, self.group)
 
-    def active_parameters(self) -> int:
-        per_expert = (self.w_up[0].numel() + self.b_up[0].numel() + self.w_down[0].numel()
-                      + self.b_down[0].numel())
-        shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
-        return self.router.weight.numel() + self.top_k * per_expert + shared
-
     def expert_parameters(self) -> list[nn.Parameter]:
         return [self.w_up, self.b_up, self.w_down, self.b_down]
 
