@@ -137,3 +137,49 @@ def test_finetuned_tasks_run_from_exported_checkpoints(setup, capsys):
     assert all(p in xnli.labels for p in (out / "predictions" / "xnli" / "test-de.tsv").read_text().split())
     scores = json.loads((out / "scores.json").read_text())
     assert 0 <= scores["xnli"]["accuracy"]["de"] <= 100 and 0 <= scores["panx"]["f1"]["de"] <= 100
+
+
+def test_qa_and_multiple_choice_checkpoints_run_end_to_end(setup, capsys):
+    """XQuAD (SQuAD JSON, doc-stride windows) and XCOPA (choice) from exported checkpoints: predictions are
+    spans of the original context / valid choices, and rescoring the written files gives the same scores."""
+    from engine.pretrain import train_tokenizer
+    from models import Encoder, TaskModel, hf, make_head, preset
+
+    tokenizer = train_tokenizer(GERMAN + FRENCH + ENGLISH, vocab_size=200)
+    for name, kind in (("xquad", "qa"), ("xcopa", "choice")):
+        encoder = Encoder(preset("tiny", vocab_size=len(tokenizer)))
+        hf.export(TaskModel(encoder, make_head(kind, encoder.cfg, encoder)), setup / f"ck-{name}",
+                  tokenizer=tokenizer)
+    data = setup / "data"
+    context = " ".join(GERMAN) + ". " + " ".join(GERMAN[::-1])  # long enough for two windows at max_len 24
+    qas = [{"id": f"q{i}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}]}
+           for i, (q, a) in enumerate((("wer liest ein Buch", "Ana"), ("was ist rot", "das Auto")))]
+    (data / "xquad").mkdir(exist_ok=True)
+    (data / "xquad" / "xquad.tr.json").write_text(json.dumps({"version": "1.1", "data": [
+        {"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    (data / "xcopa" / "tr").mkdir(parents=True, exist_ok=True)
+    (data / "xcopa" / "tr" / "test.tr.jsonl").write_text("".join(json.dumps(
+        {"premise": GERMAN[i], "choice1": FRENCH[i], "choice2": ENGLISH[i], "question": q, "label": i % 2}) + "\n"
+        for i, q in enumerate(("cause", "effect", "cause"))))
+    out = setup / "out-qa"
+    code = main(["--model", str(setup / "model"), "--suite", "xtreme-r", "--tasks", "xquad,xcopa",
+                 "--checkpoint", f"xquad={setup / 'ck-xquad'}", "--checkpoint", f"xcopa={setup / 'ck-xcopa'}",
+                 "--languages", "tr", "--data-dir", str(data), "--max-len", "24", "--doc-stride", "8",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    answers = json.loads((out / "predictions" / "xquad" / "test-tr.json").read_text())
+    assert set(answers) == {"q0", "q1"} and all(a in context for a in answers.values())
+    choices = [json.loads(line)["label"] for line in
+               (out / "predictions" / "xcopa" / "test-tr.jsonl").read_text().splitlines()]
+    assert len(choices) == 3 and set(choices) <= {0, 1}
+    scores = json.loads((out / "scores.json").read_text())
+    suite = SUITES["xtreme-r"]
+    for task in ("xquad", "xcopa"):
+        again = score_task(suite, task, out / "predictions", out / "labels", ["tr"])
+        assert again == scores[task] and all(0 <= v <= 100 for v in _numbers(again))
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        return [v for value in tree.values() for v in _numbers(value)]
+    return [tree]
