@@ -51,7 +51,7 @@ def append_row(path: Path, row: dict, show: tuple[str, ...]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    shown = {k: row.get(k) for k in show}
-    if "time_ms" not in row:
+    shown = {k: row[k] for k in show if k in row}
+    if row.get("skipped") or row.get("error"):
         shown["note"] = row.get("skipped") or row.get("error")
     print(json.dumps(shown), flush=True)

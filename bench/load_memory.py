@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .env import environment
+from .env import append_row, environment
 
 LOADERS = ("xlt", "naive", "transformers")
 
@@ -99,15 +99,10 @@ def main(argv=None) -> int:
         _child(*args.child)
         return 0
     env = environment()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes.split(","):
         for row in measure(size):
-            row = env | row
-            print(f"{size:10s} {row['loader']:13s} weights {row['weight_bytes'] / 2**20:8.1f} MiB   peak extra "
-                  f"{row['peak_extra_bytes'] / 2**20:8.1f} MiB   x{row['ratio_to_weights']:.2f}")
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(Path(args.out), env | row, ("size", "loader", "weight_bytes", "peak_extra_bytes",
+                                                   "ratio_to_weights"))
     return 0
 
 

@@ -13,7 +13,6 @@ cannot run here (no CUDA for Triton, no megablocks, an unsupported _grouped_mm) 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import kernels
 from models.ffn import FeedForward
 from models.moe import MoEFeedForward
 
-from .env import environment
+from .env import append_row, environment
 
 
 class _GroupedMMMoE(MoEFeedForward):
@@ -152,14 +151,8 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     rows = run(args)
     out = Path(args.out or f"bench/results/moe_{args.device}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     for row in rows:
-        cols = {k: row.get(k) for k in ("variant", "ms_fwd_bwd", "tokens_per_s", "peak_mem_mb", "routing_share",
-                                        "skipped") if row.get(k) is not None}
-        print(json.dumps(cols))
+        append_row(out, row, ("variant", "ms_fwd_bwd", "tokens_per_s", "peak_mem_mb", "routing_share"))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from eval import metrics
+from eval import metrics, retrieval
 from eval.tasks import TaskSpec
 from models import Encoder, TaskModel
 
@@ -88,30 +88,11 @@ def evaluate_task(model: TaskModel, task: TaskSpec, rows: list[dict], tokenizer,
     return metrics.score(task.metric, preds, gold(task, rows), lang=lang), preds
 
 
-@torch.no_grad()
-def embed(encoder: Encoder, tokenizer, sentences: list[str], layer: int, max_len: int, batch_size: int):
-    """Mean over all tokens (special tokens included, as XTREME does for XLM-R) of hidden layer `layer`
-    (0 = embeddings, num_layers = last)."""
-    encoder.eval()
-    out = torch.empty(len(sentences), encoder.cfg.hidden_size)
-    enc = tokenizer(sentences, truncation=True, max_length=max_len)
-    feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
-    device = device_of(encoder)
-    for batch in batches(feats, batch_size, tokenizer.pad_token_id):
-        batch = to_device(batch, device)
-        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_hidden_states=True)[layer]
-        mask = (torch.arange(states.shape[1], device=device)[None, :] < batch["lengths"][:, None]).float()
-        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        out[batch["example"]] = pooled.float().cpu()
-    return out
-
-
 def evaluate_retrieval(encoder: Encoder, task: TaskSpec, rows: list[dict], tokenizer, layer: int, max_len: int,
                        batch_size: int) -> tuple[dict, list[int]]:
-    """Tatoeba-style: for each source sentence, the index of the nearest target sentence."""
-    src = torch.nn.functional.normalize(embed(encoder, tokenizer, [r["source"] for r in rows], layer, max_len,
-                                              batch_size), dim=-1)
-    tgt = torch.nn.functional.normalize(embed(encoder, tokenizer, [r["target"] for r in rows], layer, max_len,
-                                              batch_size), dim=-1)
-    preds = (src @ tgt.t()).argmax(dim=1).tolist()
+    """Tatoeba-style: for each source sentence, the index of the nearest target sentence (mean-pooled layer
+    `layer`, as XTREME does for XLM-R)."""
+    src, tgt = (retrieval.embed(encoder, tokenizer, [r[side] for r in rows], layer, "mean", max_len, batch_size)
+                for side in ("source", "target"))
+    preds = retrieval.nearest(src, tgt)
     return metrics.score(task.metric, preds, list(range(len(rows)))), preds

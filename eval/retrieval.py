@@ -30,7 +30,7 @@ def embed(encoder, tokenizer, sentences: list[str], layer: int, pooling: str = "
     device = device_of(encoder)
     for batch in batches(feats, batch_size, tokenizer.pad_token_id):
         batch = to_device(batch, device)
-        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_hidden_states=True)[layer].float()
+        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_layer=layer).float()
         if pooling == "cls":
             pooled = states[:, 0]
         else:

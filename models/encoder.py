@@ -206,21 +206,26 @@ class Encoder(nn.Module):
                 nn.init.zeros_(b)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, lengths=None,
-                output_hidden_states=False):
-        """Returns the last hidden states (B, S, H), or with output_hidden_states the list of the
-        embeddings output and every layer's output (HF's `hidden_states`, last one normed if pre-LN)."""
+                output_hidden_states=False, output_layer: int | None = None):
+        """Returns the last hidden states (B, S, H); with output_hidden_states the list of the embeddings
+        output and every layer's output (HF's `hidden_states`, the last one normed if pre-LN); with
+        output_layer=i only entry i of that list, computing no layer above it (retrieval reads a middle layer)."""
+        B, S = input_ids.shape
         if lengths is None:
             lengths = (lengths_from_mask(attention_mask) if attention_mask is not None
-                       else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device))
-        elif lengths.shape != (input_ids.shape[0],) or bool((lengths > input_ids.shape[1]).any()):
-            raise ValueError(f"lengths must be ({input_ids.shape[0]},) values <= {input_ids.shape[1]}")
-        seqs = Packing.from_lengths(lengths, input_ids.shape[1])
+                       else torch.full((B,), S, device=input_ids.device))
+        elif lengths.shape != (B,) or (kernels.dispatch.host_checks(lengths) and bool((lengths > S).any())):
+            raise ValueError(f"lengths must be ({B},) values <= {S}")
+        depth = self.cfg.num_layers if output_layer is None else output_layer
+        if not 0 <= depth <= self.cfg.num_layers:
+            raise ValueError(f"output_layer {output_layer}: expected 0..{self.cfg.num_layers} (0 = embeddings)")
+        seqs = Packing.from_lengths(lengths, S)
         x = seqs.pack(self.embeddings(input_ids, token_type_ids))  # unpadded from here on
         states = [x]
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
             x = layer(x, seqs)
             states.append(x)
-        if self.final_norm is not None:
+        if self.final_norm is not None and depth == self.cfg.num_layers:
             states[-1] = self.final_norm(x)
         if output_hidden_states:
             return [seqs.unpack(s) for s in states]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -297,20 +297,24 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, buf.view(SAFETENSORS_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) one at a time. .bin files are read with weights_only=True (never unpickle arbitrary
-    objects from a downloaded file) and memory-mapped where their format allows."""
-    for path in files:
-        if not path.exists():
-            raise ModelLoadError(f"{path}: weight shard listed in the index is missing")
-        if path.suffix == ".safetensors":
-            for key, tensor in _read_safetensors(path):
+class _Checkpoint:
+    """The weight files of a checkpoint: their keys (safetensors headers, or the .bin state dicts, each read
+    once with weights_only=True and memory-mapped where the format allows), then their tensors one at a time."""
+
+    def __init__(self, files: list[Path]):
+        for path in files:
+            if not path.exists():
+                raise ModelLoadError(f"{path}: weight shard listed in the index is missing")
+        self.files = files
+        self.bins = {p: _read_bin(p) for p in files if p.suffix != ".safetensors"}
+        self.keys = [_normalise_key(k) for p in files
+                     for k in (self.bins[p] if p in self.bins else _safetensors_header(p)[0])]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in self.files:
+            items = self.bins.pop(path).items() if path in self.bins else _read_safetensors(path)
+            for key, tensor in items:
                 yield _normalise_key(key), tensor
-        else:
-            state = _read_bin(path)
-            for key, tensor in state.items():
-                yield _normalise_key(key), tensor
-            del state
 
 
 def _base_prefix(keys: list[str]) -> str:
@@ -318,16 +322,6 @@ def _base_prefix(keys: list[str]) -> str:
         if key.endswith("embeddings.word_embeddings.weight"):
             return key[: -len("embeddings.word_embeddings.weight")]
     raise ModelLoadError("checkpoint has no embeddings.word_embeddings.weight: not a BERT / XLM-R checkpoint")
-
-
-def _checkpoint_keys(files: list[Path]) -> list[str]:
-    keys: list[str] = []
-    for path in files:
-        if path.suffix == ".safetensors" and path.exists():
-            keys += list(_safetensors_header(path)[0])
-        elif path.exists():
-            keys += list(_read_bin(path).keys())
-    return [_normalise_key(k) for k in keys]
 
 
 # ----- loading ----------------------------------------------------------------------------------------------
@@ -363,7 +357,6 @@ def _load(name_or_dir, kind: str | None, num_labels: int, dtype: torch.dtype | N
     hf = _read_config(folder)
     cfg = config_from_hf(hf, str(folder / "config.json"))
     if overrides:
-        from dataclasses import replace
         cfg = replace(cfg, **overrides)
     ckpt_kind, ckpt_labels = _head_kind_from_config(hf)
     if kind is not None and kind not in HEAD_KINDS:
@@ -375,9 +368,8 @@ def _load(name_or_dir, kind: str | None, num_labels: int, dtype: torch.dtype | N
         encoder = Encoder(cfg)
         model: nn.Module = TaskModel(encoder, make_head(kind, cfg, encoder, num_labels)) if kind else encoder
     enc_prefix = "encoder." if kind else ""
-    files = _weight_files(folder)
-    keys = _checkpoint_keys(files)
-    base = _base_prefix(keys)
+    checkpoint = _Checkpoint(_weight_files(folder))
+    base = _base_prefix(checkpoint.keys)
     # checkpoint key -> our parameter name
     wanted = {base + theirs: enc_prefix + ours for ours, theirs in encoder_key_map(cfg).items()}
     if kind:
@@ -387,7 +379,7 @@ def _load(name_or_dir, kind: str | None, num_labels: int, dtype: torch.dtype | N
     id2label = hf.get("id2label") or {}
     report.labels = [id2label[k] for k in sorted(id2label, key=int)] if kind == ckpt_kind else []
     state: dict[str, torch.Tensor] = {}
-    for key, tensor in _tensors(files):
+    for key, tensor in checkpoint.tensors():
         ours = wanted.get(key)
         if ours is None:
             if key.endswith(IGNORED_SUFFIXES) or key in TIED_KEYS:

@@ -111,3 +111,14 @@ def test_heads_give_finite_losses_and_ignore_labels(kind):
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     out["loss"].backward()
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_output_layer_equals_that_hidden_state(pre_ln):
+    enc = Encoder(_cfg(pre_layer_norm=pre_ln)).eval()
+    ids, lengths = torch.randint(1, 50, (2, 6)), torch.tensor([6, 3])
+    states = enc(ids, lengths=lengths, output_hidden_states=True)
+    for i, want in enumerate(states):
+        torch.testing.assert_close(enc(ids, lengths=lengths, output_layer=i), want)
+    with pytest.raises(ValueError, match="output_layer 3: expected 0..2"):
+        enc(ids, lengths=lengths, output_layer=3)
