@@ -9,11 +9,12 @@ import os
 import random
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from eval.synthetic import SyntheticWorld
@@ -26,13 +27,30 @@ from .trainer import LoopConfig, repeat, train_loop
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def wordpiece_vocab(words: Counter, vocab_size: int) -> list[str]:
+    """A deterministic WordPiece vocabulary: specials, every character (word-initial and "##"), then
+    whole words by frequency and frequent word endings ("##" + 2-6 characters shared by at least 3 word
+    types: the suffixes of the synthetic morphology), ties broken by the string. The `tokenizers`
+    WordPieceTrainer is not used because its tie-breaking differs between processes, so the same seed
+    gave a different vocabulary, model and scores in every run."""
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    budget = max(vocab_size - len(vocab), 0)
+    endings = Counter("##" + w[-k:] for w in words for k in range(2, min(6, len(w) - 2) + 1))
+    endings = [e for e, n in sorted(endings.items(), key=lambda kv: (-kv[1], kv[0])) if n >= 3]
+    whole = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    n_endings = min(len(endings), max(budget // 4, budget - len(whole)))
+    return vocab + whole[:budget - n_endings] + endings[:n_endings]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A BERT-style WordPiece tokenizer (no lowercasing or accent stripping: scripts stay as written)."""
-    tok = Tokenizer(tok_models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(wordpiece_vocab(words, vocab_size)))}
+    tok = Tokenizer(tok_models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

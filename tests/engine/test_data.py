@@ -17,8 +17,8 @@ QA = TaskSpec("q", "qa", "squad", ("en",))
 
 @pytest.fixture(scope="module")
 def tok():
-    words = "the red apples maria bought yesterday in paris who what where unbelievably long words ."
-    return train_tokenizer([words] * 20 + ["un be liev ab ly"] * 5, vocab_size=60)
+    words = "the red apples maria bought yesterday in paris who what where long words ."
+    return train_tokenizer([words] * 20 + ["un be liev ab ly unbelievably"] * 5, vocab_size=60)
 
 
 def test_tagging_labels_first_subwords_only(tok):
