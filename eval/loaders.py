@@ -8,6 +8,14 @@ Hugging Face hub.
   rows with `from_hub_row`. Offline (or unreachable) it raises DataUnavailable naming the dataset, config and
   the local alternative.
 
+Ranking tasks (XTREME-R; local files only, as XLT knows no official hub copy): Mewsli-X from google-research's
+`get-mewsli-x.sh` output (`wikinews_mentions-{dev,test}.jsonl`, `candidate_set_entities.jsonl`,
+`wikipedia_pairs-{train,dev}.jsonl`, under `--data-dir` or its `mewslix/`), LAReQA from XQuAD-R
+(`lareqa/xquad-r/<lang>.json`). A language's rows are its query rows followed by the task's whole candidate pool,
+which is parsed once per process and shared between languages (`_cached`). Query and candidate texts follow the
+XTREME-R baseline (xtreme third_party/utils_mewslix.py, utils_lareqa.py); see `read_xquad_r`,
+`mewslix_mention_text`.
+
 Pitfalls handled here: NLI labels are mapped by name (XTREME files order them contradiction / entailment /
 neutral, Hugging Face entailment / neutral / contradiction); TyDiQA-GoldP training keeps the English slice
 only; UD-POS concatenates every treebank of the language, UPOS column, multiword-token and empty-node lines
@@ -16,9 +24,12 @@ skipped; Tatoeba rows stay aligned (the leaderboard's sorted-English indices are
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
+import re
 from pathlib import Path
+from typing import Iterator
 
 from .languages import LANGUAGES, iso3, language
 from .suites import HUB, any_task
@@ -38,8 +49,8 @@ def read_squad_json(path: str | Path) -> list[dict]:
     """SQuAD v1.1 / v2.0 JSON (also XQuAD, MLQA, TyDiQA-GoldP): one row per question. SQuAD v2.0's
     unanswerable questions get empty answer lists."""
     path = Path(path)
+    data = _json_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         rows = []
         for article in data["data"]:
             for paragraph in article["paragraphs"]:
@@ -48,8 +59,6 @@ def read_squad_json(path: str | Path) -> list[dict]:
                     rows.append({"id": qa["id"], "context": paragraph["context"], "question": qa["question"],
                                  "answers": {"text": [a["text"] for a in answers],
                                              "answer_start": [a["answer_start"] for a in answers]}})
-    except json.JSONDecodeError as err:
-        raise FormatError(f"{path}: not valid JSON ({err})") from None
     except (KeyError, TypeError) as err:
         raise FormatError(f"{path}: not SQuAD-format JSON (data -> paragraphs -> qas), missing {err}") from None
     return rows
@@ -212,16 +221,27 @@ def read_bucc(folder: str | Path, lang: str, split: str) -> list[dict]:
     return rows
 
 
-def _jsonl(path: Path) -> list[dict]:
-    out = []
+def _json_file(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+
+
+def _numbered_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    yield n, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise FormatError(f"{path}:{n}: not a JSON line ({err})") from None
-    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [record for _, record in _numbered_jsonl(path)]
 
 
 COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
@@ -299,6 +319,244 @@ def read_choice_records(path: str | Path, task: TaskSpec) -> list[dict]:
     return rows
 
 
+# ----- ranking tasks: Mewsli-X and LAReQA (XQuAD-R) ---------------------------------------------------------
+def _field(record, dotted: str, where: str):
+    """record["a"]["b"] for dotted "a.b", or FormatError naming where and the missing field."""
+    value = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise FormatError(f"{where}: missing field {dotted}")
+        value = value[key]
+    return value
+
+
+def _span(start, end, text: str, where: str) -> tuple[int, int]:
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+        raise FormatError(f"{where}: span ({start!r}, {end!r}) is not inside the text ({len(text)} characters)")
+    return start, end
+
+
+def _spans(items, text: str, where: str) -> list[tuple[int, int]]:
+    """Mewsli-X sentence spans, [{"start": s, "end": e}, ...], checked against text."""
+    return [_span(_field(item, "start", f"{where}[{k}]"), _field(item, "end", f"{where}[{k}]"), text, f"{where}[{k}]")
+            for k, item in enumerate(items)]
+
+
+_BRACES = re.compile(r"\{(.*?)\}")
+
+
+def mewslix_mention_text(text: str, spans: list[tuple[int, int]], start: int, end: int) -> str:
+    """A mention's query text as the XTREME-R baseline builds it (xtreme third_party/utils_mewslix.py,
+    preprocess_mention): the mention, a colon, then the sentence holding it with the mention set off by { },
+    braces already there turned into parentheses, whitespace normalised: "Smith: The verdict came back for
+    { Smith }, who stepped down." A mention across a sentence break keeps every sentence it touches (the
+    baseline assumes one); a context without sentence spans is used whole."""
+    touched = [(s, e) for s, e in spans if s < end and start < e]
+    lo, hi = (min(s for s, _ in touched), max(e for _, e in touched)) if touched else (0, len(text))
+    mention = text[start:end]
+    left, right = (_BRACES.sub(r"(\1)", part) for part in (text[lo:start], text[end:hi]))
+    return " ".join(f"{mention}: {left} {{ {mention} }} {right}".split())
+
+
+def mewslix_entity_text(description: str, spans: list[tuple[int, int]]) -> str:
+    """An entity's candidate text as the baseline embeds it (preprocess_entity_description): the description's
+    sentences joined by spaces, whitespace normalised (the whole description when it has no sentence spans)."""
+    return " ".join((" ".join(description[s:e] for s, e in spans) if spans else description).split())
+
+
+def _entity_row(entity: dict, where: str) -> dict:
+    description = _field(entity, "description", where)
+    spans = _spans(_field(entity, "sentence_spans", where), description, f"{where}: sentence_spans")
+    return {"id": _field(entity, "entity_id", where), "candidate": mewslix_entity_text(description, spans)}
+
+
+def _mention_rows(record: dict, prefix: str, mentions: list[tuple[str, dict]], where: str) -> list[dict]:
+    """Query rows {id, query, answers: [entity id], language} for mentions (name, mention) of the context at
+    `prefix`context in record."""
+    text = _field(record, f"{prefix}context.text", where)
+    if not text:
+        raise FormatError(f"{where}: {prefix}context.text is empty (the released *_no_text files carry no article "
+                          "text: google-research's get-mewsli-x.sh fills it in)")
+    language = _field(record, f"{prefix}context.language", where)
+    spans = _spans(_field(record, f"{prefix}context.sentence_spans", where), text,
+                   f"{where}: {prefix}context.sentence_spans")
+    rows = []
+    for name, mention in mentions:
+        at = f"{where}: {name}"
+        start, end = _span(_field(mention, "mention_span.start", at), _field(mention, "mention_span.end", at), text,
+                           f"{at}.mention_span")
+        if text[start:end] != _field(mention, "mention_span.text", at):
+            raise FormatError(f"{at}: mention_span.text {mention['mention_span']['text']!r} is not the context's "
+                              f"text[{start}:{end}] {text[start:end]!r}")
+        entity = _field(mention, "entity_id", at)
+        if not entity:
+            raise FormatError(f"{at}: entity_id is empty (xtreme's download_data.sh blanks the test labels: use "
+                              "wikinews_mentions-test.jsonl as google-research's get-mewsli-x.sh writes it)")
+        rows.append({"id": _field(mention, "example_id", at), "query": mewslix_mention_text(text, spans, start, end),
+                     "answers": [entity], "language": language})
+    return rows
+
+
+def read_mewslix_mentions(path: str | Path) -> list[dict]:
+    """Mewsli-X WikiNews mentions, `wikinews_mentions-{dev,test}.jsonl` (one article per line: `context` with
+    `language`, `text`, `sentence_spans` [{start, end}], and its `mentions`, each with `example_id`,
+    `mention_span` {start, end, text} and the gold `entity_id`), as query rows of every language."""
+    path = Path(path)
+    rows, seen = [], set()
+    for n, record in _numbered_jsonl(path):
+        mentions = _field(record, "mentions", f"{path}:{n}")
+        for row in _mention_rows(record, "", [(f"mentions[{i}]", m) for i, m in enumerate(mentions)], f"{path}:{n}"):
+            if row["id"] in seen:
+                raise FormatError(f"{path}:{n}: example_id {row['id']!r} appears twice")
+            seen.add(row["id"])
+            rows.append(row)
+    return rows
+
+
+def read_mewslix_entities(path: str | Path) -> list[dict]:
+    """Mewsli-X `candidate_set_entities.jsonl` (one entity per line: `entity_id`, `description`,
+    `sentence_spans`, ...) as candidate rows {id, candidate}."""
+    path = Path(path)
+    rows, seen = [], set()
+    for n, record in _numbered_jsonl(path):
+        row = _entity_row(record, f"{path}:{n}")
+        if row["id"] in seen:
+            raise FormatError(f"{path}:{n}: entity_id {row['id']!r} appears twice")
+        seen.add(row["id"])
+        rows.append(row)
+    return rows
+
+
+def read_mewslix_pairs(path: str | Path) -> list[dict]:
+    """Mewsli-X Wikipedia pairs, `wikipedia_pairs-{train,dev}.jsonl` (one `contextual_mention` {context, mention}
+    and its `entity` per line), as query rows followed by candidate rows of their distinct entities."""
+    path = Path(path)
+    queries, entities = [], {}
+    for n, record in _numbered_jsonl(path):
+        where = f"{path}:{n}"
+        mention = _field(record, "contextual_mention.mention", where)
+        queries += _mention_rows(record, "contextual_mention.", [("contextual_mention.mention", mention)], where)
+        entity = _entity_row(_field(record, "entity", where), f"{where}: entity")
+        entities.setdefault(entity["id"], entity)
+    return queries + list(entities.values())
+
+
+def _break(item, text: str, where: str) -> tuple[int, int]:
+    if not (isinstance(item, list) and len(item) == 2):
+        raise FormatError(f"{where}: expected [start, end], got {item!r}")
+    return _span(item[0], item[1], text, where)
+
+
+def read_xquad_r(*paths: str | Path) -> tuple[dict[str, list[dict]], list[dict]]:
+    """LAReQA's XQuAD-R files (google-research-datasets/lareqa `xquad-r/<lang>.json`: XQuAD's SQuAD JSON, each
+    paragraph with `sentence_breaks`, [start, end) character offsets into its context; the file's stem is its
+    language) as (query rows by language, the multilingual candidate pool), as xtreme's
+    third_party/utils_lareqa.py builds them:
+    - candidates: every sentence of every paragraph of every file, id `<lang>_<paragraph>_<sentence>`
+      (paragraphs counted from 1 through the file, sentences from 0), text: the sentence, then its paragraph
+      (the baseline embeds sentence + context; XLT puts a space between them);
+    - queries: each question, id `<question id>_<lang>`; its gold candidates are, in every language, the
+      sentences equal to the one holding that language's answer start (XQuAD-R question ids are parallel
+      across languages). A question whose answer starts outside every sentence is skipped, as there."""
+    questions: dict[str, dict[str, str]] = {}  # lang -> question id -> question
+    candidates, gold = [], {}
+    for path in map(Path, paths):
+        lang, data, number = path.stem, _json_file(path), 0
+        questions[lang] = {}
+        for a, article in enumerate(_field(data, "data", str(path))):
+            for p, paragraph in enumerate(_field(article, "paragraphs", f"{path}: data[{a}]")):
+                number += 1
+                where = f"{path}: data[{a}].paragraphs[{p}]"
+                context = _field(paragraph, "context", where)
+                breaks = [_break(b, context, f"{where}.sentence_breaks[{k}]")
+                          for k, b in enumerate(_field(paragraph, "sentence_breaks", where))]
+                sentences = {f"{lang}_{number}_{k}": context[s:e] for k, (s, e) in enumerate(breaks)}
+                candidates += [{"id": cid, "candidate": f"{s} {context}"} for cid, s in sentences.items()]
+                for q, qa in enumerate(_field(paragraph, "qas", where)):
+                    at = f"{where}.qas[{q}]"
+                    qid, answers = _field(qa, "id", at), _field(qa, "answers", at)
+                    if not isinstance(answers, list) or len(answers) != 1:
+                        raise FormatError(f"{at}: XQuAD-R has exactly one answer per question, got {answers!r}")
+                    start = _field(answers[0], "answer_start", f"{at}.answers[0]")
+                    holding = [context[s:e] for s, e in breaks if s <= start < e]
+                    if not holding:
+                        continue
+                    if qid in questions[lang]:
+                        raise FormatError(f"{at}: question id {qid!r} appears twice in {path}")
+                    questions[lang][qid] = _field(qa, "question", at)
+                    gold.setdefault(qid, []).extend(cid for cid, s in sentences.items() if s == holding[0])
+    queries = {lang: [{"id": f"{qid}_{lang}", "query": text, "answers": gold[qid]} for qid, text in items.items()]
+               for lang, items in questions.items()}
+    return queries, candidates
+
+
+@functools.lru_cache(maxsize=4)
+def _memo(reader, keys):
+    return reader(*(Path(key[0]) for key in keys))
+
+
+def _cached(reader, *paths: Path):
+    """reader(*paths), parsed once per file version (path, mtime, size) and shared by the callers: every language
+    of a ranking task ranks against one candidate pool (Mewsli-X: about a million entities), held once."""
+    return _memo(reader, tuple((str(Path(p).resolve()), Path(p).stat().st_mtime_ns, Path(p).stat().st_size)
+                               for p in paths))
+
+
+# Mewsli-X files found beside the mentions (`--data-dir` layouts of google-research's get-mewsli-x.sh output and
+# of xtreme's download_data.sh, which moves them into mewslix/).
+MEWSLIX_CANDIDATES = ("mewslix/candidate_set_entities.jsonl", "**/candidate_set_entities.jsonl")
+MEWSLIX_PAIRS = ("mewslix/wikipedia_pairs-{split}.jsonl", "**/wikipedia_pairs-{split}.jsonl")
+
+
+def load_mewslix(data_dir: str | Path, lang: str, split: str = "test") -> list[dict]:
+    """Mewsli-X rows of `lang`. dev / test: the WikiNews mention queries of `lang` (from the all-language
+    `wikinews_mentions-{split}.jsonl`, or xtreme's per-language `wikinews_mentions/{split}-{lang}.jsonl`), then
+    the whole candidate set (`candidate_set_entities.jsonl`). train: the Wikipedia pairs of `lang`
+    (`wikipedia_pairs-train.jsonl`, English), then their entities."""
+    if split == "train":
+        rows = _cached(read_mewslix_pairs, find_local("mewslix", data_dir, lang, split, MEWSLIX_PAIRS))
+        return [r for r in rows if r.get("language", lang) == lang]
+    mentions_path = find_local("mewslix", data_dir, lang, split)
+    candidates_path = find_local("mewslix", data_dir, lang, split, MEWSLIX_CANDIDATES)
+    queries = [r for r in _cached(read_mewslix_mentions, mentions_path) if r["language"] == lang]
+    if not queries:
+        raise DataUnavailable(f"mewslix {lang} {split}: {mentions_path} has no mention whose context.language is "
+                              f"{lang!r}")
+    candidates = _cached(read_mewslix_entities, candidates_path)
+    known = {c["id"] for c in candidates}
+    lost = [r for r in queries if r["answers"][0] not in known]
+    if lost:
+        raise FormatError(f"{mentions_path}: the gold entities of {len(lost)} {lang} mentions are not in "
+                          f"{candidates_path} (e.g. {lost[0]['id']} -> {lost[0]['answers'][0]})")
+    return queries + candidates
+
+
+LAREQA_LAYOUT = "<data-dir>/lareqa/xquad-r/<lang>.json, as in google-research-datasets/lareqa"
+
+
+def load_lareqa(data_dir: str | Path, lang: str, split: str = "test") -> list[dict]:
+    """LAReQA rows of `lang`: its XQuAD-R questions as queries, then the candidate pool of every XQuAD-R
+    language's sentences (all 11 files are needed: the pool is multilingual)."""
+    pool = any_task("lareqa").languages
+    if split != "test":
+        raise DataUnavailable(f"lareqa {lang} {split}: XQuAD-R is a test set only (the XTREME-R baseline trains on "
+                              "SQuAD v1.1 in retrieval form, which XLT does not build)")
+    if lang not in pool:
+        raise DataUnavailable(f"lareqa: no XQuAD-R language {lang!r}; expected one of {', '.join(pool)}")
+    paths = []
+    for other in pool:
+        try:
+            paths.append(find_local("lareqa", data_dir, other, split))
+        except DataUnavailable as err:
+            raise DataUnavailable(f"lareqa {lang}: the candidate pool needs XQuAD-R in all of {', '.join(pool)}: "
+                                  f"{err}; expected {LAREQA_LAYOUT}") from None
+    queries, candidates = _cached(read_xquad_r, *paths)
+    if not queries[lang]:
+        raise DataUnavailable(f"lareqa {lang}: {paths[pool.index(lang)]} has no question whose answer starts inside "
+                              "a sentence (sentence_breaks)")
+    return queries[lang] + candidates
+
+
 # ----- local files: official names per task ------------------------------------------------------------------
 # Glob patterns under data_dir, first match wins ({lang}, {iso3}, {name}: the language's code, Tatoeba code,
 # English name; {split}: train / dev / test, with the official spellings in SPLIT_NAMES).
@@ -322,6 +580,9 @@ LOCAL_PATTERNS: dict[str, tuple[str, ...]] = {
     "cosmosqa": ("**/cosmosqa/{split}.csv", "**/{split}.csv"),
     "commonsenseqa": ("**/{split}_rand_split.jsonl",),
     "ccg": ("ccg/{split}.tsv", "**/ccg/{split}.tsv"),
+    "mewslix": ("mewslix/wikinews_mentions-{split}.jsonl", "mewslix/wikinews_mentions/{split}-{lang}.jsonl",
+                "**/wikinews_mentions-{split}.jsonl", "**/wikinews_mentions/{split}-{lang}.jsonl"),
+    "lareqa": ("lareqa/xquad-r/{lang}.json", "**/xquad-r/{lang}.json"),
 }
 # Each dataset's own name for a split, tried in order.
 SPLIT_NAMES = {
@@ -334,17 +595,18 @@ SPLIT_NAMES = {
 SPLITS = ("train", "dev", "test")
 
 
-def find_local(task: str, data_dir: str | Path, lang: str, split: str) -> Path:
-    """The local file for (task, lang, split) under data_dir, or DataUnavailable listing what was tried."""
+def find_local(task: str, data_dir: str | Path, lang: str, split: str, patterns: tuple[str, ...] | None = None) -> Path:
+    """The local file for (task, lang, split) under data_dir (by the task's LOCAL_PATTERNS, or `patterns`), or
+    DataUnavailable listing what was tried."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
-    if task not in LOCAL_PATTERNS:
+    if patterns is None and task not in LOCAL_PATTERNS:
         raise ValueError(f"task {task!r} has no local file patterns; known: {', '.join(LOCAL_PATTERNS)}")
     entry = language(lang)
     tried = []
     for split_name in SPLIT_NAMES.get(task, {}).get(split, (split,)):
-        for pattern in LOCAL_PATTERNS[task]:
+        for pattern in patterns or LOCAL_PATTERNS[task]:
             glob = pattern.format(lang=lang, split=split_name, iso3=entry.iso3 or lang, name=entry.name,
                                   lowername=entry.name.lower())
             tried.append(glob)
@@ -357,6 +619,10 @@ def find_local(task: str, data_dir: str | Path, lang: str, split: str) -> Path:
 def load_local(task_name: str, data_dir: str | Path, lang: str, split: str = "test") -> list[dict]:
     """Rows of (task, lang, split) from the official raw files under data_dir."""
     task = any_task(task_name)
+    if task_name == "mewslix":
+        return load_mewslix(data_dir, lang, split)
+    if task_name == "lareqa":
+        return load_lareqa(data_dir, lang, split)
     if task_name == "udpos" and split != "train":
         # XTREME concatenates every treebank of the language.
         files = sorted(p for p in Path(data_dir).glob(f"**/{lang}_*-ud-{split}.conllu") if p.is_file())
@@ -411,12 +677,22 @@ def _unavailable(task_name: str, lang: str, reason: str) -> DataUnavailable:
                            f"(looked up as {patterns})")
 
 
+# Where the tasks that have no Hugging Face hub dataset come from.
+NOT_ON_HUB = {
+    "ccg": "CCGbank is licensed",
+    "mewslix": "Mewsli-X: run get-mewsli-x.sh of google-research/google-research "
+               "dense_representations_for_entity_retrieval/mel, or xtreme's scripts/download_data.sh",
+    "lareqa": "XQuAD-R: the xquad-r/ folder of github.com/google-research-datasets/lareqa",
+}
+
+
 def load_hub(task_name: str, lang: str, split: str = "test") -> list[dict]:
     """Rows of (task, lang, split) from the Hugging Face hub; DataUnavailable when offline or unreachable."""
     task = any_task(task_name)
     if task_name not in HUB:
-        raise DataUnavailable(f"{task_name}: not on the Hugging Face hub (e.g. CCGbank is licensed); pass local "
-                              "files with --data-dir DIR")
+        raise DataUnavailable(f"{task_name}: not on the Hugging Face hub ({NOT_ON_HUB.get(task_name, 'no hub copy')}); "
+                              f"pass the official files with --data-dir DIR (looked up as "
+                              f"{', '.join(LOCAL_PATTERNS.get(task_name, ()))})")
     if task_name == "bucc2018":
         raise DataUnavailable("bucc2018: the hub config holds the gold pairs only, and mining needs the whole "
                               "corpora: pass the BUCC 2018 files with --data-dir DIR "
@@ -500,4 +776,5 @@ def load(task_name: str, lang: str, split: str = "test", data_dir: str | Path | 
 __all__ = ["DataUnavailable", "FormatError", "LANGUAGES", "load", "load_local", "load_hub", "find_local",
            "from_hub_row", "read_squad_json", "read_pair_tsv", "read_conll", "read_conllu", "read_tatoeba",
            "tatoeba_sorted_positions", "read_bucc", "read_xcopa_jsonl", "read_nli_records", "read_choice_records",
-           "english_slice"]
+           "english_slice", "read_mewslix_mentions", "read_mewslix_entities", "read_mewslix_pairs", "read_xquad_r",
+           "load_mewslix", "load_lareqa", "mewslix_mention_text", "mewslix_entity_text"]

@@ -1,7 +1,9 @@
 """Sentence retrieval without fine-tuning, as XTREME evaluates it: pooled hidden states of one encoder layer,
 Tatoeba by nearest neighbour (cosine), BUCC 2018 by margin-based mining (Artetxe & Schwenk 2019: ratio
 margin over k = 4 neighbours each way, the "max" candidate set of xtreme's utils_retrieve.py), with the score
-threshold tuned on the dev (sample) split's gold pairs and applied to test.
+threshold tuned on the dev (sample) split's gold pairs and applied to test. XTREME-R's Mewsli-X and LAReQA
+rank a candidate pool by cosine (`rank`), the encoder used as a dual encoder (queries and candidates embedded
+alike).
 
 One simplification against utils_retrieve.py: sentences are kept by id, where it first merges identical
 sentences and drops ids whose text repeats; on corpora without repeated sentences the two agree."""
@@ -45,6 +47,17 @@ def nearest(queries: torch.Tensor, targets: torch.Tensor) -> list[int]:
     q = torch.nn.functional.normalize(queries, dim=-1)
     t = torch.nn.functional.normalize(targets, dim=-1)
     return (q @ t.t()).argmax(dim=1).tolist()
+
+
+def rank(queries: torch.Tensor, candidates: torch.Tensor, k: int = 20, chunk: int = 64) -> list[list[int]]:
+    """Indices of the k most cosine-similar candidates for each query, best first (Mewsli-X, LAReQA; equal
+    scores in no set order), `chunk` queries at a time so that a million candidates fit in memory."""
+    c = torch.nn.functional.normalize(candidates, dim=-1)
+    k = min(k, c.shape[0])
+    out = []
+    for q in torch.nn.functional.normalize(queries, dim=-1).split(chunk):
+        out += (q @ c.t()).topk(k, dim=1).indices.tolist()
+    return out
 
 
 def mine(src: torch.Tensor, tgt: torch.Tensor, k: int = 4) -> list[tuple[int, int, float]]:

@@ -8,6 +8,13 @@
   mining with the ratio margin and the threshold tuned on the dev (sample) split, applied to test. The
   sentence vector is the `--pooling` of hidden layer `--layer` (default: the middle layer; XTREME uses mean
   pooling of layer 14, special tokens included, for XLM-R large).
+- XTREME-R's ranking tasks use the same sentence vectors as a zero-shot dual encoder: Mewsli-X ranks the
+  ~1M-entity candidate set for each WikiNews mention, LAReQA the sentences of all 11 XQuAD-R languages for
+  each question; the top 20 candidate ids by cosine are written and scored by mAP@20. The official XTREME-R
+  baselines fine-tune the dual encoder first (Mewsli-X on wikipedia_pairs-train, LAReQA on SQuAD v1.1 in
+  retrieval form); eval.run does not, so its numbers are zero-shot-encoder numbers, not baseline replicas.
+- `--checkpoint TASK=DIR` on a retrieval or ranking task embeds with that folder's encoder instead of
+  `--model` (e.g. a dual encoder fine-tuned elsewhere, or the encoder after intermediate-task training).
 - Fine-tuned tasks (XNLI, PAWS-X, UD-POS, PAN-X, XQuAD, MLQA, TyDiQA, XCOPA) are run with the task model
   exported by the engine for them, `--checkpoint TASK=DIR` (an English-fine-tuned model folder).
 - Data come from `--data-dir` (official raw files, see eval.loaders.LOCAL_PATTERNS) or the Hugging Face hub.
@@ -20,18 +27,23 @@ folder and renamed at the end; errors print a message and exit with code 2 befor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from . import analysis, loaders, retrieval
 from .score import ScoreError, score_task, write_json_atomically
 from .suites import SUITES, Suite
 
 RETRIEVAL = ("tatoeba", "bucc2018")
-UNSUPPORTED = ("mewslix", "lareqa")  # need a fine-tuned dual encoder and candidate sets XLT does not build yet
+RANKING = ("mewslix", "lareqa")  # the encoder as a zero-shot dual encoder over a candidate pool
+TOP_K = 20  # candidates kept per query: mAP@20 reads no further
+POOL_CHUNK = 65536  # candidates tokenized and embedded at a time (Mewsli-X has about a million)
 
 
 class RunError(ValueError):
@@ -43,22 +55,18 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-# ----- retrieval --------------------------------------------------------------------------------------------
-def run_tatoeba(encoder, tokenizer, rows: list[dict], opts) -> tuple[str, str]:
+# ----- retrieval and ranking: `embed` maps sentences to an (n, hidden) tensor --------------------------------
+def run_tatoeba(embed, rows: list[dict]) -> tuple[str, str]:
     """(prediction lines, label lines) as XTREME writes Tatoeba: indices into the sorted English file."""
-    src = retrieval.embed(encoder, tokenizer, [r["source"] for r in rows], opts.layer, opts.pooling, opts.max_len,
-                          opts.batch_size)
-    tgt = retrieval.embed(encoder, tokenizer, [r["target"] for r in rows], opts.layer, opts.pooling, opts.max_len,
-                          opts.batch_size)
+    src, tgt = embed([r["source"] for r in rows]), embed([r["target"] for r in rows])
     position = loaders.tatoeba_sorted_positions([r["target"] for r in rows])
     preds = [position[j] for j in retrieval.nearest(src, tgt)]
     return "".join(f"{p}\n" for p in preds), "".join(f"{position[i]}\n" for i in range(len(rows)))
 
 
-def run_bucc(encoder, tokenizer, dev: list[dict], test: list[dict], opts) -> tuple[str, str]:
+def run_bucc(embed, dev: list[dict], test: list[dict]) -> tuple[str, str]:
     def candidates(rows):
-        vecs = {side: retrieval.embed(encoder, tokenizer, [r["text"] for r in rows if r["side"] == side], opts.layer,
-                                      opts.pooling, opts.max_len, opts.batch_size) for side in ("source", "target")}
+        vecs = {side: embed([r["text"] for r in rows if r["side"] == side]) for side in ("source", "target")}
         return retrieval.mine_ids(rows, vecs["source"], vecs["target"])
 
     gold_dev = {tuple(r["id"].split("\t")) for r in dev if r["side"] == "gold"}
@@ -70,6 +78,22 @@ def run_bucc(encoder, tokenizer, dev: list[dict], test: list[dict], opts) -> tup
     if not gold:
         raise RunError("bucc2018: the test split has no gold pairs (.gold file) to score against")
     return "".join(mined), "".join(gold)
+
+
+def run_ranking(embed, rows: list[dict], pool: dict) -> tuple[str, str]:
+    """(predictions, labels) as JSON objects, query id -> the TOP_K candidate ids by cosine / the gold ids, for
+    ranking rows (eval/tasks.py layout). `pool` keeps the embedded candidates: a task's languages share them."""
+    queries = [r for r in rows if "query" in r]
+    candidates = [r for r in rows if "candidate" in r]
+    ids = [r["id"] for r in candidates]
+    if pool.get("ids") != ids:
+        texts = [r["candidate"] for r in candidates]
+        pool.update(ids=ids, vectors=torch.cat([embed(texts[i:i + POOL_CHUNK])
+                                                for i in range(0, len(texts), POOL_CHUNK)]))
+    ranked = retrieval.rank(embed([r["query"] for r in queries]), pool["vectors"], TOP_K)
+    predictions = {r["id"]: [ids[j] for j in top] for r, top in zip(queries, ranked)}
+    return (json.dumps(predictions, ensure_ascii=False),
+            json.dumps({r["id"]: r["answers"] for r in queries}, ensure_ascii=False))
 
 
 # ----- fine-tuned tasks -------------------------------------------------------------------------------------
@@ -124,16 +148,24 @@ def _parse_checkpoints(items: list[str], suite: Suite) -> dict[str, str]:
 def plan_tasks(suite: Suite, requested: list[str] | None, checkpoints: dict[str, str]) -> list[str]:
     """The tasks to run: as requested, or every suite task that needs no fine-tuning or has a checkpoint."""
     if requested is None:
-        return [t for t in suite.tasks if t in RETRIEVAL or t in checkpoints]
+        return [t for t in suite.tasks if t in RETRIEVAL + RANKING or t in checkpoints]
     for t in requested:
         if t not in suite.tasks:
             raise RunError(f"--tasks: unknown task {t!r} in {suite.name}; expected some of {', '.join(suite.tasks)}")
-        if t in UNSUPPORTED:
-            raise RunError(f"--tasks: {t} is not supported by eval.run yet (it needs a fine-tuned dual encoder); "
-                           "score its predictions with eval.score")
-        if t not in RETRIEVAL and t not in checkpoints:
+        if t not in RETRIEVAL + RANKING and t not in checkpoints:
             raise RunError(f"--tasks: {t} needs a model fine-tuned on its English task: --checkpoint {t}=DIR")
     return requested
+
+
+def _embedder(source: str, opts):
+    """Sentences -> vectors with the encoder `source` (hub name or folder): `--pooling` of hidden layer `--layer`
+    (default: its middle layer)."""
+    from models import hf
+
+    encoder, tokenizer = hf.load_encoder(source), hf.load_tokenizer(source)
+    layer = encoder.cfg.num_layers // 2 if opts.layer is None else opts.layer
+    return functools.partial(retrieval.embed, encoder, tokenizer, layer=layer, pooling=opts.pooling,
+                             max_len=opts.max_len, batch_size=opts.batch_size)
 
 
 def run(opts) -> Path:
@@ -158,13 +190,11 @@ def run(opts) -> Path:
             data[t, lang] = loaders.load(t, lang, "test", opts.data_dir)
             if t == "bucc2018":
                 data[t, lang, "dev"] = loaders.load(t, lang, "dev", opts.data_dir)
-    encoder = tokenizer = None
-    if any(t in RETRIEVAL for t in tasks):
-        from models import hf
-
-        encoder, tokenizer = hf.load_encoder(opts.model), hf.load_tokenizer(opts.model)
-        if opts.layer is None:
-            opts.layer = encoder.cfg.num_layers // 2
+    # Retrieval and ranking tasks embed with --model, or with the encoder of their --checkpoint TASK=DIR.
+    sources = {t: checkpoints.get(t, opts.model) for t in tasks if t in RETRIEVAL + RANKING}
+    loaded = {source: _embedder(source, opts) for source in dict.fromkeys(sources.values())}
+    embedders = {t: loaded[source] for t, source in sources.items()}
+    pools = {t: {} for t in tasks}  # a ranking task's embedded candidates, shared by its languages
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -172,9 +202,11 @@ def run(opts) -> Path:
             ext = suite.extension(t)
             for lang in langs[t]:
                 if t == "tatoeba":
-                    pred, gold = run_tatoeba(encoder, tokenizer, data[t, lang], opts)
+                    pred, gold = run_tatoeba(embedders[t], data[t, lang])
                 elif t == "bucc2018":
-                    pred, gold = run_bucc(encoder, tokenizer, data[t, lang, "dev"], data[t, lang], opts)
+                    pred, gold = run_bucc(embedders[t], data[t, lang, "dev"], data[t, lang])
+                elif t in RANKING:
+                    pred, gold = run_ranking(embedders[t], data[t, lang], pools[t])
                 else:
                     pred, gold = run_finetuned(suite.task(t), checkpoints[t], data[t, lang], opts)
                 _write(tmp / "predictions" / t / f"test-{lang}.{ext}", pred)
@@ -202,11 +234,12 @@ def run(opts) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="encoder for retrieval tasks: hub name or folder")
+    parser.add_argument("--model", required=True, help="encoder for retrieval and ranking tasks: hub name or folder")
     parser.add_argument("--suite", default="xtreme", choices=sorted(SUITES))
     parser.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], help="comma-separated tasks")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="TASK=DIR",
-                        help="fine-tuned model folder for a task (repeatable)")
+                        help="fine-tuned model folder for a task; for a retrieval or ranking task, "
+                        "the encoder to embed it with instead of --model (repeatable)")
     parser.add_argument("--languages", type=lambda s: [t for t in s.split(",") if t], help="only these languages")
     parser.add_argument("--data-dir", type=Path, help="official raw files (default: the Hugging Face hub)")
     parser.add_argument("--layer", type=int, help="hidden layer for retrieval (0 = embeddings; default: middle)")

@@ -10,7 +10,8 @@ tasks flow through the same pipeline):
 - retrieval: {"source": str, "target": str}, row i of a language aligned with row i  (Tatoeba)
 - mining:    {"side": "source" | "target", "id": str, "text": str}, plus {"side": "gold", "id": "src<TAB>tgt"}
              rows for the gold pairs                                            (BUCC 2018)
-- ranking:   {"id": str, "query": str, "answers": [str]} and {"id": str, "candidate": str} rows
+- ranking:   {"id": str, "query": str, "answers": [str]} query rows (Mewsli-X adds "language"), then the
+             task's whole pool as {"id": str, "candidate": str} rows; answers are candidate ids
              (Mewsli-X, LAReQA: scored from ranked candidate ids, mAP@20)
 """
 from __future__ import annotations

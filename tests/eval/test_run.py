@@ -94,7 +94,7 @@ def test_errors_exit_2_and_write_nothing(setup, capsys):
     base = ["--model", str(setup / "model"), "--data-dir", str(setup / "data")]
     cases = [(["--tasks", "xnli"], "--checkpoint xnli=DIR"),
              (["--tasks", "nope"], "unknown task 'nope'"),
-             (["--suite", "xtreme-r", "--tasks", "mewslix"], "not supported"),
+             (["--suite", "xtreme-r", "--tasks", "mewslix"], "mewslix ar test: no local file"),
              (["--tasks", "tatoeba", "--languages", "xx"], "--languages: xx"),
              (["--tasks", "tatoeba", "--languages", "es"], "tatoeba es test: no local file"),
              (["--tasks", "tatoeba", "--languages", "de", "--layer", "9"], "layer 9"),
