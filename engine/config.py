@@ -37,6 +37,7 @@ class WorldConfig:
     languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))
     sizes: dict = field(default_factory=dict)  # task -> [train, dev, test] rows
     code_switch_rate: float = 0.2  # share of content words written in English in non-English corpora
+    sentence_switch_rate: float = 0.1  # share of sentences of non-English documents written in English
 
 
 @dataclass

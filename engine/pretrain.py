@@ -113,6 +113,7 @@ def _source_digest() -> str:
 
 def cache_key(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, bf16: bool) -> str:
     blob = json.dumps({"world_seed": world.seed, "languages": world.codes, "code_switch": world.code_switch_rate,
+                       "sentence_switch": world.sentence_switch_rate,
                        "model": model_cfg.to_dict(),
                        "mlm": asdict(cfg), "seed": seed, "bf16": bf16, "code": _source_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -54,7 +54,8 @@ def plan(cfg: Config) -> Plan:
     """Check everything the run will need before anything is written; raise ConfigError otherwise."""
     try:
         world = SyntheticWorld(cfg.world.seed, tuple(cfg.world.languages),
-                               {k: tuple(v) for k, v in cfg.world.sizes.items()}, cfg.world.code_switch_rate)
+                               {k: tuple(v) for k, v in cfg.world.sizes.items()}, cfg.world.code_switch_rate,
+                               cfg.world.sentence_switch_rate)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"world: {e}") from None
     try:
@@ -124,10 +125,12 @@ def encoder_config(m) -> EncoderConfig:
     return moe_variant(replace(dense, moe_router=m.router), m.experts, m.top_k, m.match, m.moe_every)
 
 
-def make_sparse(encoder: Encoder, m) -> Encoder:
-    """Sparse upcycling of a dense pretrained encoder (model.arch = moe with upcycle, or a HF model)."""
+def make_sparse(encoder: Encoder, m, seed: int) -> Encoder:
+    """Sparse upcycling of a dense pretrained encoder (model.arch = moe with upcycle, or a HF model). The fresh
+    routers are drawn from `seed`, not from whatever the global generator holds after a cached pretraining."""
     if m.arch != "moe" or encoder.cfg.num_experts:
         return encoder
+    torch.manual_seed(seed)
     sparse = encoder.upcycled(m.experts, m.top_k, m.moe_every, m.router)
     return sparse.with_config(moe_balance_coef=m.balance_coef, moe_z_coef=m.z_coef)
 
@@ -197,7 +200,7 @@ def run_study(cfg: Config) -> dict:
         cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
         pretrained, tokenizer, pre_info = pretrain(world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed,
                                                    cache, out / "pretrain", bf16, device)
-    pretrained = make_sparse(pretrained, cfg.model)
+    pretrained = make_sparse(pretrained, cfg.model, _seed(cfg.run.seed, "upcycle"))
     arch = pretrained.cfg
     pre_info |= {"parameters": arch.num_parameters(), "active_parameters": arch.active_parameters(),
                  "experts": arch.num_experts, "top_k": arch.moe_top_k if arch.num_experts else 0}

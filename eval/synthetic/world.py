@@ -63,11 +63,14 @@ class SyntheticWorld:
     """The languages, the event sampler, the corpora and the tasks, all from one seed."""
 
     def __init__(self, seed: int = 0, languages: tuple[str, ...] = DEFAULT_LANGUAGES,
-                 sizes: dict[str, tuple[int, int, int]] | None = None, code_switch_rate: float = 0.2):
-        if not 0.0 <= code_switch_rate <= 1.0:
-            raise ValueError(f"code_switch_rate must be in [0, 1], got {code_switch_rate}")
+                 sizes: dict[str, tuple[int, int, int]] | None = None, code_switch_rate: float = 0.2,
+                 sentence_switch_rate: float = 0.1):
+        for name, rate in (("code_switch_rate", code_switch_rate), ("sentence_switch_rate", sentence_switch_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
         self.code_switch_rate = code_switch_rate
+        self.sentence_switch_rate = sentence_switch_rate
         self.languages = build_languages(tuple(languages), seed)
         self.codes = tuple(languages)
         self.tasks = _task_specs(self.codes)
@@ -96,13 +99,17 @@ class SyntheticWorld:
         self.typical_adjs = {n: rng.sample(lx.ADJECTIVES, 2) for n in lx.NOUN_FORMS}
 
     def sample_event(self, rng: random.Random, negated_p=0.15, count_p=0.4, adj_p=0.4, place_p=0.4, source_p=0.2,
-                     time_p=0.3, hypernym_p=0.1, verb: str | None = None, typical_p=0.9) -> Event:
-        """A random event; with probability typical_p each detail follows the world's regularities."""
+                     time_p=0.3, hypernym_p=0.1, verb: str | None = None, typical_p=0.9,
+                     agent: tuple[str, ...] | None = None) -> Event:
+        """A random event (about `agent` when given); with probability typical_p each detail follows the
+        world's regularities."""
         def typical() -> bool:
             return rng.random() < typical_p
 
-        first = rng.choice(lx.FIRST_NAMES)
-        agent = (first, rng.choice(lx.LAST_NAMES)) if rng.random() < 0.3 else (first,)
+        if agent is None:
+            first = rng.choice(lx.FIRST_NAMES)
+            agent = (first, rng.choice(lx.LAST_NAMES)) if rng.random() < 0.3 else (first,)
+        first = agent[0]
         verb = verb or (rng.choice(self.habits[first]) if typical() else rng.choice(tuple(lx.VERBS)))
         if rng.random() < hypernym_p:
             noun = rng.choice([h[0] for c, (h, _) in lx.NOUN_CLASSES.items() if not lx.VERBS[verb][3]
@@ -122,33 +129,54 @@ class SyntheticWorld:
 
     # ----- pretraining corpus ------------------------------------------------------------------------
     def corpus(self, lang: str, num_documents: int, stream: int = 0) -> list[str]:
-        """Monolingual documents of 1-4 sentences: statements, questions, and 'then' continuations in
-        which a verb that selects the object's class follows (the world knowledge behind syn-swag)."""
+        """Documents of 1-4 sentences in one language: statements, questions, and 'then' continuations in
+        which a verb that selects the object's class follows (the world knowledge behind syn-swag). They keep
+        to a topic (`_next_event`); non-English ones switch to English, as bilingual web text does, between
+        sentences (`sentence_switch_rate`) and within them (`code_switch_rate`). Not parallel: each
+        language's documents are drawn independently."""
         if lang not in self.languages:
             raise ValueError(f"unknown language {lang!r}; this world has {', '.join(self.codes)}")
         rng, L = self.rng("corpus", lang, stream), self.languages[lang]
+        en = self.languages["en"]
 
-        def say(ev: Event, words: list[Word]) -> str:
-            return text(self._code_switch(words, ev, rng) if lang != "en" else words)
+        def say(ev: Event, render: str, *args) -> str:
+            """One sentence of a document in `lang`, code-switched as described above."""
+            if lang == "en":
+                return text(getattr(L, render)(ev, *args))
+            if rng.random() < self.sentence_switch_rate:
+                return text(getattr(en, render)(ev, *args))
+            return text(self._code_switch(getattr(L, render)(ev, *args), ev, rng))
 
         docs = []
         for _ in range(num_documents):
-            sentences = []
+            sentences, ev = [], None
             for _ in range(rng.randint(1, 4)):
-                ev = self.sample_event(rng)
+                ev = self._next_event(rng, ev)
                 r = rng.random()
                 if r < 0.12 and not ev.negated:
                     ask = rng.choice([a for a in QA_ROLES if self._has_role(ev, a)])
-                    sentences.append(say(ev, L.sentence(ev, ask)))
+                    sentences.append(say(ev, "sentence", ask))
                     continue
-                sentences.append(say(ev, L.sentence(ev)))
+                sentences.append(say(ev, "sentence"))
                 if r > 0.75 and not ev.negated and not lx.is_hypernym(ev.noun):
                     verbs = [v for v in lx.specific_verbs_for(ev.noun) if v != ev.verb] or [ev.verb]
                     follow = replace(ev, verb=rng.choice(verbs), count=None, adj=None,
                                      place=None, source=None, time_word=False)
-                    sentences.append(say(follow, L.then_sentence(follow)))
+                    sentences.append(say(follow, "then_sentence"))
             docs.append(" ".join(sentences))
         return docs
+
+    def _next_event(self, rng: random.Random, previous: Event | None) -> Event:
+        """Documents keep to a topic, as real ones do: after the first sentence, most sentences go on about
+        the same person and repeat some details of the previous one. The same cross-sentence contexts occur
+        in every language, so masked-LM pretraining gets more signal to align the languages' words with."""
+        if previous is None or rng.random() < 0.3:
+            return self.sample_event(rng)
+        ev = self.sample_event(rng, agent=previous.agent)
+        carried = {f: getattr(previous, f) for f in ("place", "source", "count", "adj") if rng.random() < 0.4}
+        if rng.random() < 0.3 and lx.verb_accepts(ev.verb, previous.noun):
+            carried["noun"] = previous.noun
+        return replace(ev, **carried)
 
     def _code_switch(self, words: list[Word], ev: Event, rng: random.Random) -> list[Word]:
         """Real web text mixes in English words ("compré apples ayer"): each content word of a

@@ -198,3 +198,33 @@ def test_bad_requests_name_what_is_wrong(world):
         world.load("syn-mnli", "test", "en")
     with pytest.raises(ValueError, match="unknown synthetic language"):
         SyntheticWorld(languages=("en", "zz"))
+
+
+# ----- pretraining corpus ----------------------------------------------------------------------------------
+def _latin_words(doc: str) -> list[str]:
+    return re.findall(r"[a-z]{2,}", doc)
+
+
+def test_corpus_is_seeded_and_keeps_to_a_topic(world):
+    docs = world.corpus("en", 300)
+    assert docs == world.corpus("en", 300) and docs != world.corpus("en", 300, stream=1)
+    # Coherent documents: the next sentence mostly goes on about the same person (by chance: rarely).
+    pairs = [(a, b) for d in docs for a, b in zip(d.split(". "), d.split(". ")[1:])]
+    names = set(lx.FIRST_NAMES)
+    same = sum(bool(names & set(a.split()) & set(b.split())) for a, b in pairs)
+    assert len(pairs) > 200 and 0.6 < same / len(pairs) < 0.95
+
+
+def test_corpus_code_switching_rates():
+    # qcy writes in Cyrillic and transliterates names, so Latin-script words in it are English switches.
+    def latin_share(**rates):
+        docs = SyntheticWorld(seed=7, languages=("en", "qcy"), **rates).corpus("qcy", 200)
+        words = [w for d in docs for w in d.split()]
+        return sum(bool(_latin_words(w)) for w in words) / len(words)
+
+    assert latin_share(code_switch_rate=0.0, sentence_switch_rate=0.0) == 0.0
+    assert latin_share(code_switch_rate=0.0, sentence_switch_rate=1.0) > 0.9  # every sentence in English
+    within = latin_share(code_switch_rate=0.3, sentence_switch_rate=0.0)
+    assert 0.05 < within < 0.3  # some content words, never function words
+    with pytest.raises(ValueError, match="sentence_switch_rate"):
+        SyntheticWorld(sentence_switch_rate=1.5)
