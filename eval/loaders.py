@@ -49,7 +49,7 @@ def read_squad_json(path: str | Path) -> list[dict]:
     """SQuAD v1.1 / v2.0 JSON (also XQuAD, MLQA, TyDiQA-GoldP): one row per question. SQuAD v2.0's
     unanswerable questions get empty answer lists."""
     path = Path(path)
-    data = _json_file(path)
+    data = read_json(path)
     try:
         rows = []
         for article in data["data"]:
@@ -221,12 +221,13 @@ def read_bucc(folder: str | Path, lang: str, split: str) -> list[dict]:
     return rows
 
 
-def _json_file(path: Path):
+def read_json(path: Path, error: type[ValueError] = FormatError):
+    """A JSON file; invalid JSON raises `error` naming the file, line and column."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise FormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        raise error(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
 
 
 def _numbered_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -461,7 +462,7 @@ def read_xquad_r(*paths: str | Path) -> tuple[dict[str, list[dict]], list[dict]]
     questions: dict[str, dict[str, str]] = {}  # lang -> question id -> question
     candidates, gold = [], {}
     for path in map(Path, paths):
-        lang, data, number = path.stem, _json_file(path), 0
+        lang, data, number = path.stem, read_json(path), 0
         questions[lang] = {}
         for a, article in enumerate(_field(data, "data", str(path))):
             for p, paragraph in enumerate(_field(article, "paragraphs", f"{path}: data[{a}]")):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from . import metrics
+from .loaders import read_json
 from .suites import SUITES, Suite, suite as get_suite
 from .tasks import TaskSpec
 
@@ -48,17 +49,9 @@ def read_tags(path: Path) -> list[list[str]]:
     return sentences
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ScoreError(f"{path}: not valid JSON ({err})") from None
-
-
 def read_qa_labels(path: Path) -> dict[str, list[str]]:
     """Question id -> gold answer texts, in file order, from a SQuAD-format JSON file."""
-    data = _read_json(path)
+    data = read_json(path, ScoreError)
     articles = data["data"] if isinstance(data, dict) and "data" in data else data
     answers: dict[str, list[str]] = {}
     try:
@@ -74,7 +67,7 @@ def read_qa_labels(path: Path) -> dict[str, list[str]]:
 
 
 def read_mapping(path: Path) -> dict:
-    data = _read_json(path)
+    data = read_json(path, ScoreError)
     if not isinstance(data, dict):
         raise ScoreError(f"{path}: expected a JSON object mapping ids to answers")
     return data

@@ -78,6 +78,17 @@ def test_cli_rejects_wrong_counts_and_empty_submissions(tmp_path, capsys):
     assert "no task of xtreme" in capsys.readouterr().err
 
 
+
+def test_cli_names_the_line_of_bad_json(tmp_path, capsys):
+    pred, gold = _partial(tmp_path, ["mewslix"])
+    path = pred / "mewslix" / "test-de.json"
+    path.write_text('{\n "q1": ["e1"],\n "q2": ["e2"\n}\n')
+    out = tmp_path / "scores.json"
+    assert main([str(pred), str(gold), "--suite", "xtreme-r", "--out", str(out)]) == 2
+    assert "mewslix/test-de.json:4: not valid JSON" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ----- the metrics eval.score added -------------------------------------------------------------------------
 def test_bucc_f1_by_hand():
     gold = ["de-1\ten-1", "de-2\ten-2", "de-3\ten-3", "de-4\ten-4"]
