@@ -403,26 +403,31 @@ def read_mewslix_mentions(path: str | Path) -> list[dict]:
     `language`, `text`, `sentence_spans` [{start, end}], and its `mentions`, each with `example_id`,
     `mention_span` {start, end, text} and the gold `entity_id`), as query rows of every language."""
     path = Path(path)
-    rows, seen = [], set()
-    for n, record in _numbered_jsonl(path):
-        mentions = _field(record, "mentions", f"{path}:{n}")
-        for row in _mention_rows(record, "", [(f"mentions[{i}]", m) for i, m in enumerate(mentions)], f"{path}:{n}"):
-            if row["id"] in seen:
-                raise FormatError(f"{path}:{n}: example_id {row['id']!r} appears twice")
-            seen.add(row["id"])
-            rows.append(row)
-    return rows
+
+    def numbered_rows():
+        for n, record in _numbered_jsonl(path):
+            mentions = _field(record, "mentions", f"{path}:{n}")
+            for row in _mention_rows(record, "", [(f"mentions[{i}]", m) for i, m in enumerate(mentions)],
+                                     f"{path}:{n}"):
+                yield n, row
+
+    return _unique_ids(numbered_rows(), path, "example_id")
 
 
 def read_mewslix_entities(path: str | Path) -> list[dict]:
     """Mewsli-X `candidate_set_entities.jsonl` (one entity per line: `entity_id`, `description`,
     `sentence_spans`, ...) as candidate rows {id, candidate}."""
     path = Path(path)
+    return _unique_ids(((n, _entity_row(record, f"{path}:{n}")) for n, record in _numbered_jsonl(path)),
+                       path, "entity_id")
+
+
+def _unique_ids(numbered_rows, path: Path, field: str) -> list[dict]:
+    """The rows of (line number, row) pairs, each row's id checked to appear once in the file."""
     rows, seen = [], set()
-    for n, record in _numbered_jsonl(path):
-        row = _entity_row(record, f"{path}:{n}")
+    for n, row in numbered_rows:
         if row["id"] in seen:
-            raise FormatError(f"{path}:{n}: entity_id {row['id']!r} appears twice")
+            raise FormatError(f"{path}:{n}: {field} {row['id']!r} appears twice")
         seen.add(row["id"])
         rows.append(row)
     return rows
