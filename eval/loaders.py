@@ -433,6 +433,10 @@ def _unique_ids(numbered_rows, path: Path, field: str) -> list[dict]:
     return rows
 
 
+def _entity_ids(path: Path) -> frozenset:
+    return frozenset(row["id"] for row in _cached(read_mewslix_entities, path))
+
+
 def read_mewslix_pairs(path: str | Path) -> list[dict]:
     """Mewsli-X Wikipedia pairs, `wikipedia_pairs-{train,dev}.jsonl` (one `contextual_mention` {context, mention}
     and its `entity` per line), as query rows followed by candidate rows of their distinct entities."""
@@ -529,7 +533,7 @@ def load_mewslix(data_dir: str | Path, lang: str, split: str = "test") -> list[d
         raise DataUnavailable(f"mewslix {lang} {split}: {mentions_path} has no mention whose context.language is "
                               f"{lang!r}")
     candidates = _cached(read_mewslix_entities, candidates_path)
-    known = {c["id"] for c in candidates}
+    known = _cached(_entity_ids, candidates_path)  # built once, not per language
     lost = [r for r in queries if r["answers"][0] not in known]
     if lost:
         raise FormatError(f"{mentions_path}: the gold entities of {len(lost)} {lang} mentions are not in "

@@ -139,13 +139,13 @@ class SyntheticWorld:
         rng, L = self.rng("corpus", lang, stream), self.languages[lang]
         en = self.languages["en"]
 
-        def say(ev: Event, render: str, *args) -> str:
-            """One sentence of a document in `lang`, code-switched as described above."""
+        def say(ev: Event, render: Callable[[Language], list[Word]]) -> str:
+            """One sentence, `render(language)`, of a document in `lang`, code-switched as described above."""
             if lang == "en":
-                return text(getattr(L, render)(ev, *args))
+                return text(render(L))
             if rng.random() < self.sentence_switch_rate:
-                return text(getattr(en, render)(ev, *args))
-            return text(self._code_switch(getattr(L, render)(ev, *args), ev, rng))
+                return text(render(en))
+            return text(self._code_switch(render(L), ev, rng))
 
         docs = []
         for _ in range(num_documents):
@@ -155,14 +155,14 @@ class SyntheticWorld:
                 r = rng.random()
                 if r < 0.12 and not ev.negated:
                     ask = rng.choice([a for a in QA_ROLES if self._has_role(ev, a)])
-                    sentences.append(say(ev, "sentence", ask))
+                    sentences.append(say(ev, lambda lg: lg.sentence(ev, ask)))
                     continue
-                sentences.append(say(ev, "sentence"))
+                sentences.append(say(ev, lambda lg: lg.sentence(ev)))
                 if r > 0.75 and not ev.negated and not lx.is_hypernym(ev.noun):
                     verbs = [v for v in lx.specific_verbs_for(ev.noun) if v != ev.verb] or [ev.verb]
                     follow = replace(ev, verb=rng.choice(verbs), count=None, adj=None,
                                      place=None, source=None, time_word=False)
-                    sentences.append(say(follow, "then_sentence"))
+                    sentences.append(say(follow, lambda lg: lg.then_sentence(follow)))
             docs.append(" ".join(sentences))
         return docs
 
