@@ -61,10 +61,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 @dataclass
 class MLMConfig:
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     seq_len: int = 64
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     mask_prob: float = 0.15

@@ -11,7 +11,10 @@ Layers, as in DESIGN.md:
   atomics, so gradients are deterministic. Every kernel addresses a sequence by (start row, query rows,
   key rows) and per-layout strides, so the padded and packed layouts run the same code without copies.
 - host functions `attention_forward` / `attention_backward` and one autograd Function.
-- `attention_reference`, the PyTorch twin: the test oracle and the CPU path.
+- `attention_reference`, the PyTorch twin: the test oracle, written out step by step;
+- `attention_torch`, the path taken off the kernels (CPU, backend="torch"): the same function through
+  PyTorch SDPA (its fused CPU kernel is ~25% faster than the written-out twin in a training step), and
+  the twin itself where SDPA cannot give the same result (seeded dropout, float64).
 
 Padded layout: query rows past a sequence's length still attend to that sequence's real keys, in the
 twin and in the kernels alike (their outputs are ignored downstream); keys past it get zero gradient;
@@ -98,6 +101,24 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
         else:
             probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.to(ct)).to(q.dtype)
+
+
+def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dropout_p=0.0, seed=None):
+    """`attention_reference`'s function through F.scaled_dot_product_attention. A seeded dropout mask
+    (reproducible from `seed`) and float64 (the oracle's precision) go to the twin itself."""
+    if (dropout_p > 0.0 and seed is not None) or q.dtype not in TRITON_DTYPES:
+        return attention_reference(q, k, v, lengths, causal, softmax_scale, dropout_p, seed=seed)
+    S = q.shape[2]
+    mask = None
+    if lengths is not None:
+        mask = (torch.arange(S, device=q.device)[None, :] < lengths[:, None].to(q.device))[:, None, None, :]
+    if causal and mask is not None:
+        mask = mask & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=causal and mask is None, scale=softmax_scale)
+    if lengths is not None:  # a sequence with no key: zeros, whatever SDPA's backend gives
+        out = out.masked_fill((lengths == 0).to(q.device)[:, None, None, None], 0.0)
+    return out
 
 
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -584,7 +605,7 @@ def attention(q, k, v, *, lengths=None, causal=False, softmax_scale=None, dropou
     if dispatch.resolve("attention", backend, q.device) == "triton":
         return dispatch.triton_impl("attention")(q, k, v, lengths=lengths, causal=causal,
                                                  softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed)
-    return attention_reference(q, k, v, lengths, causal, softmax_scale, dropout_p, seed=seed)
+    return attention_torch(q, k, v, lengths, causal, softmax_scale, dropout_p, seed=seed)
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen, total: int) -> None:
@@ -616,6 +637,11 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
         return dispatch.triton_impl("attention_varlen")(q, k, v, cu_seqlens, max_seqlen, causal=causal,
                                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    batch = lengths.numel()
+    if q.shape[0] == batch * max_seqlen:  # every sequence full length (MLM pretraining): a view, no copies
+        qp, kp, vp = (t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out = attention_torch(qp, kp, vp, None, causal, softmax_scale, dropout_p, seed=seed)
+        return out.transpose(1, 2).reshape(q.shape)
     qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
-    out = attention_reference(qp, kp, vp, lengths, causal, softmax_scale, dropout_p, seed=seed)
+    out = attention_torch(qp, kp, vp, lengths, causal, softmax_scale, dropout_p, seed=seed)
     return unpad_padded(out.transpose(1, 2), cu_seqlens)

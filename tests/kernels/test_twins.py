@@ -85,6 +85,38 @@ def test_varlen_equals_padded():
         torch.testing.assert_close(packed[s:s + n], one[0].transpose(0, 1))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_path_equals_the_written_out_twin(causal):
+    """The CPU path (SDPA) computes the oracle's function: outputs and gradients, padding, empty sequences."""
+    g = _gen()
+    q, k, v = (torch.randn(4, 3, 11, 8, generator=g, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([11, 6, 0, 1])
+    grad = torch.randn(4, 3, 11, 8, generator=g)
+    fast = kernels.attention_torch(q, k, v, lengths, causal, softmax_scale=0.3)
+    ref = kernels.attention_reference(q, k, v, lengths, causal, softmax_scale=0.3)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # seeded dropout keeps the twin's reproducible mask
+    drop = dict(dropout_p=0.3, seed=5)
+    assert torch.equal(kernels.attention_torch(q, k, v, lengths, causal, **drop),
+                       kernels.attention_reference(q, k, v, lengths, causal, **drop))
+
+
+def test_varlen_full_length_batch_equals_padded():
+    """All sequences full (MLM pretraining) take a copy-free path; it must equal the padded layout."""
+    g = _gen()
+    B, S, H, D = 3, 6, 2, 4
+    q, k, v = (torch.randn(B * S, H, D, generator=g) for _ in range(3))
+    cu = torch.arange(0, B * S + 1, S)
+    packed = kernels.attention_varlen(q, k, v, cu, S)
+    padded = kernels.attention(*(t.view(B, S, H, D).transpose(1, 2) for t in (q, k, v)))
+    torch.testing.assert_close(packed, padded.transpose(1, 2).reshape(B * S, H, D))
+    ragged = kernels.attention_varlen(q, k, v, cu, S + 2)  # same sequences, max_seqlen larger than any
+    torch.testing.assert_close(ragged, packed)
+
+
 def test_attention_shape_errors():
     x = torch.zeros(2, 2, 3, 4)
     with pytest.raises(ValueError, match="lengths must have shape"):
