@@ -39,7 +39,10 @@ def main() -> int:
            "wall_s": round(wall, 1), "pretrain_s": round(results["phases"]["pretrain"].get("seconds", 0.0), 1),
            "summary": {c: {t: {k: s[k] for k in ("en", "zero_shot_mean", "ratio")} for t, s in by_task.items()}
                        for c, by_task in results["summary"]["by_condition"].items()},
-           "scores": results["scores"]}
+           "scores": results["scores"],
+           # training-loop seconds of every phase (dev evaluations included; test scoring and data not)
+           "phase_s": {name: round(info["seconds"], 1) for name, info in results["phases"].items()
+                       if info.get("seconds") is not None}}
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
