@@ -107,7 +107,7 @@ class Config:
     intermediate: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
         epochs=2.0, overrides={"syn-squad": {"epochs": 3.0, "lr": 1e-3}}))
     target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
-        overrides={"syn-xquad": {"epochs": 4.0, "lr": 1e-3}}))
+        overrides={"syn-xquad": {"epochs": 3.0, "lr": 1e-3}}))
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -38,37 +38,48 @@ def featurize_pair(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) ->
 def featurize_tagging(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
     """First subword of each word carries the word's label (XTREME's convention). A sentence longer than
     max_len subwords is split into word-aligned chunks whose predictions are merged back at decoding, so
-    no word is ever truncated out of the score."""
+    no word is ever truncated out of the score. Two batched tokenizer calls: subwords per word, then the
+    chunks."""
     tag_id = {t: i for i, t in enumerate(task.labels)}
     budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
-    feats = []
     for i, row in enumerate(rows):
-        tokens, tags = row["tokens"], row["tags"]
-        if len(tokens) != len(tags):
-            raise ValueError(f"{task.name}: row {i}: {len(tokens)} tokens but {len(tags)} tags")
-        unknown = sorted({t for t in tags if t not in tag_id})
+        if len(row["tokens"]) != len(row["tags"]):
+            raise ValueError(f"{task.name}: row {i}: {len(row['tokens'])} tokens but {len(row['tags'])} tags")
+        unknown = sorted({t for t in row["tags"] if t not in tag_id})
         if unknown:
             raise ValueError(f"{task.name}: row {i}: unknown tag(s) {unknown}; expected {list(task.labels)}")
-        sizes = [max(1, len(tokenizer.tokenize(w))) for w in tokens] if tokens else []
+    words = tokenizer([r["tokens"] for r in rows], is_split_into_words=True, add_special_tokens=False) if rows else None
+    chunks = []  # (row, first word, end word)
+    for i, row in enumerate(rows):
+        sizes = [0] * len(row["tokens"])
+        for w in words.word_ids(i):
+            sizes[w] += 1
+        sizes = [max(1, n) for n in sizes]  # a word with no subword still takes a slot, as before batching
         start = 0
-        while start < len(tokens) or (start == 0 and not tokens):
+        while True:
             end, used = start, 0
-            while end < len(tokens) and (used + sizes[end] <= budget or end == start):
+            while end < len(sizes) and (used + sizes[end] <= budget or end == start):
                 used += sizes[end]
                 end += 1
-            enc = tokenizer(tokens[start:end], is_split_into_words=True, truncation=True, max_length=max_len)
-            word_ids = enc.word_ids()
-            labels, first_of = [], []
-            prev = None
-            for w in word_ids:
-                is_first = w is not None and w != prev
-                labels.append(tag_id[tags[start + w]] if is_first else IGNORE)
-                first_of.append(start + w if is_first else -1)
-                prev = w
-            feats.append({"input_ids": enc["input_ids"], "labels": labels, "word_index": first_of, "example": i})
-            if not tokens:
+            chunks.append((i, start, end))
+            if end >= len(sizes):
                 break
             start = end
+    if not chunks:
+        return []
+    enc = tokenizer([rows[i]["tokens"][a:b] for i, a, b in chunks], is_split_into_words=True, truncation=True,
+                    max_length=max_len)
+    feats = []
+    for j, (i, start, _) in enumerate(chunks):
+        tags = rows[i]["tags"]
+        labels, first_of = [], []
+        prev = None
+        for w in enc.word_ids(j):
+            is_first = w is not None and w != prev
+            labels.append(tag_id[tags[start + w]] if is_first else IGNORE)
+            first_of.append(start + w if is_first else -1)
+            prev = w
+        feats.append({"input_ids": enc["input_ids"][j], "labels": labels, "word_index": first_of, "example": i})
     return feats
 
 

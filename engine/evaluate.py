@@ -51,19 +51,20 @@ def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict
 
 
 def _best_span(offsets, start_logits, end_logits):
-    """Highest start+end logit over valid context spans: (score, char_start, char_end) or None."""
+    """Highest start+end logit over valid context spans: (score, char_start, char_end) or None. The
+    candidates are the TOP_SPANS best starts x best ends, scored as one matrix."""
     n = len(offsets)
-    s_top = start_logits[:n].topk(min(TOP_SPANS, n)).indices.tolist()
-    e_top = end_logits[:n].topk(min(TOP_SPANS, n)).indices.tolist()
-    best = None
-    for s in s_top:
-        for e in e_top:
-            if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > MAX_ANSWER_TOKENS:
-                continue
-            score = float(start_logits[s] + end_logits[e])
-            if best is None or score > best[0]:
-                best = (score, offsets[s][0], offsets[e][1])
-    return best
+    s_top = start_logits[:n].topk(min(TOP_SPANS, n)).indices
+    e_top = end_logits[:n].topk(min(TOP_SPANS, n)).indices
+    in_context = torch.tensor([o is not None for o in offsets])
+    length = e_top[None, :] - s_top[:, None] + 1
+    valid = in_context[s_top][:, None] & in_context[e_top][None, :] & (length >= 1) & (length <= MAX_ANSWER_TOKENS)
+    if not bool(valid.any()):
+        return None
+    scores = (start_logits[s_top][:, None] + end_logits[e_top][None, :]).masked_fill(~valid, float("-inf"))
+    best = int(scores.argmax())  # the first maximum in (start rank, end rank) order, as the loop it replaced
+    s, e = int(s_top[best // len(e_top)]), int(e_top[best % len(e_top)])
+    return float(scores.view(-1)[best]), offsets[s][0], offsets[e][1]
 
 
 def gold(task: TaskSpec, rows: list[dict]):

@@ -148,15 +148,31 @@ def _seed(*key) -> int:
     return int(hashlib.sha256("-".join(map(str, key)).encode()).hexdigest()[:8], 16)
 
 
-def finetune(encoder: Encoder, task: TaskSpec, world: SyntheticWorld, tokenizer, ft: FinetuneConfig, seed: int,
+class TaskData:
+    """Rows and model inputs of (task, split, language), generated and tokenized once per run: every
+    condition trains and scores on the same data."""
+
+    def __init__(self, world: SyntheticWorld, tokenizer):
+        self.world, self.tokenizer = world, tokenizer
+        self._memo: dict = {}
+
+    def get(self, task: TaskSpec, split: str, lang: str, ft: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+        key = (task.name, split, lang, ft.max_len, ft.doc_stride)
+        if key not in self._memo:
+            rows = self.world.load(task.name, split, lang)
+            self._memo[key] = rows, data.featurize(task, rows, self.tokenizer, ft.max_len, ft.doc_stride)
+        return self._memo[key]
+
+
+def finetune(encoder: Encoder, task: TaskSpec, task_data: TaskData, ft: FinetuneConfig, seed: int,
              out: Path, console: bool, eval_batch: int, bf16: bool) -> tuple[TaskModel, dict]:
     """Train `task` on English train rows; keep the weights with the best English dev score."""
     torch.manual_seed(seed)
+    tokenizer = task_data.tokenizer
     head = make_head(task.format, encoder.cfg, encoder, num_labels=len(task.labels))
     model = TaskModel(encoder, head.to(data.device_of(encoder)))
-    train_feats = data.featurize(task, world.load(task.name, "train", "en"), tokenizer, ft.max_len, ft.doc_stride)
-    dev_rows = world.load(task.name, "dev", "en")
-    dev_feats = data.featurize(task, dev_rows, tokenizer, ft.max_len, ft.doc_stride)
+    _, train_feats = task_data.get(task, "train", "en", ft)
+    dev_rows, dev_feats = task_data.get(task, "dev", "en", ft)
     per_epoch = data.num_batches(len(train_feats), ft.batch_size)
     steps = max(1, math.ceil(ft.epochs * per_epoch))
     rng = random.Random(seed)
@@ -210,6 +226,7 @@ def run_study(cfg: Config) -> dict:
     layer = cfg.eval.retrieval_layer if cfg.eval.retrieval_layer >= 0 else pretrained.cfg.num_layers // 2
     scores: dict = {}
     phases: dict = {"pretrain": pre_info}
+    task_data = TaskData(world, tokenizer)
 
     for condition in p.conditions:
         say(f"== condition {condition} ==")
@@ -218,7 +235,7 @@ def run_study(cfg: Config) -> dict:
         if condition != BASELINE:  # Phase 2: English intermediate task
             task = world.tasks[condition]
             phase_dir = out / condition / f"intermediate-{task.name}"
-            model, info = finetune(handoff.encoder, task, world, tokenizer, cfg.intermediate.for_task(task.name),
+            model, info = finetune(handoff.encoder, task, task_data, cfg.intermediate.for_task(task.name),
                                    _seed(cfg.run.seed, condition, task.name), phase_dir, console, cfg.eval.batch_size,
                                    bf16)
             handoff = Handoff(model.encoder, handoff.lineage + (task.name,))
@@ -230,13 +247,13 @@ def run_study(cfg: Config) -> dict:
             preds_out = {}
             if task.needs_training:
                 ft = cfg.target.for_task(task.name)
-                model, info = finetune(copy.deepcopy(handoff.encoder), task, world, tokenizer, ft,
+                model, info = finetune(copy.deepcopy(handoff.encoder), task, task_data, ft,
                                        _seed(cfg.run.seed, condition, task.name), phase_dir, console,
                                        cfg.eval.batch_size, bf16)
                 for lang in langs:
-                    result, preds_out[lang] = evaluate_task(model, task, world.load(task.name, "test", lang),
-                                                            tokenizer, ft.max_len, cfg.eval.batch_size, lang,
-                                                            doc_stride=ft.doc_stride)
+                    rows, feats = task_data.get(task, "test", lang, ft)
+                    result, preds_out[lang] = evaluate_task(model, task, rows, tokenizer, ft.max_len,
+                                                            cfg.eval.batch_size, lang, feats)
                     scores[condition].setdefault(task.name, {})[lang] = result["score"]
             else:
                 info = {"layer": layer}

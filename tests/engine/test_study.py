@@ -26,7 +26,7 @@ def _overrides(out, cache) -> list[tuple[str, str]]:
         ("world.languages", json.dumps(LANGS)), ("world.sizes", _toml_table(SIZES)),
         ("model.preset", "tiny"),
         ("pretrain.steps", "60"), ("pretrain.batch_size", "32"), ("pretrain.documents_per_language", "400"),
-        ("pretrain.vocab_size", "600"),
+        ("pretrain.vocab_size", "600"), ("pretrain.lr", "1e-3"),  # pinned: the default is tuned for xlt-tiny
         ("intermediate.epochs", "1"), ("intermediate.lr", "2e-3"),
         ("target.epochs", "4"), ("target.lr", "3e-3"), ("target.batch_size", "16"), ("run.precision", "fp32"),
         ("protocol.conditions", "baseline,syn-mnli"),
