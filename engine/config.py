@@ -103,7 +103,7 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: MLMConfig = field(default_factory=MLMConfig)
-    # Extractive QA learns slowest at this size: more epochs and a higher learning rate for it.
+    # Extractive QA learns slowest at this size: a higher learning rate for it (and more epochs for syn-squad).
     intermediate: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
         epochs=2.0, overrides={"syn-squad": {"epochs": 3.0, "lr": 1e-3}}))
     target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
