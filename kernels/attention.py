@@ -67,7 +67,7 @@ def _check_triton_inputs(op: str, q: torch.Tensor) -> None:
         raise ValueError(f"{op}: the Triton kernel takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
 
 
-# ----- the twin (oracle and CPU path) ------------------------------------------------------------------------
+# ----- the twin (oracle) and the CPU path (the same function through SDPA) -----------------------------------
 def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None, dropout_p=0.0,
                         dropout_mask=None, seed=None):
     """Softmax attention on (B, H, S, D) in fp32 (fp64 for fp64 inputs: the test oracle). Query rows past

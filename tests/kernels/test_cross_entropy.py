@@ -217,7 +217,8 @@ def test_linear_cross_entropy_full_xlmr_vocabulary():
                                             backend=backend)
         torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5)
         for ours_g, ref_g in zip(torch.autograd.grad(loss, ours), ref_grads):
-            torch.testing.assert_close(ours_g.double(), ref_g, atol=1e-7, rtol=1e-4)
+            # fp32 sums over 250k vocabulary rows: an entry that nearly cancels is off by ~1e-4 of the largest
+            torch.testing.assert_close(ours_g.double(), ref_g, atol=1e-4 * ref_g.abs().max().item(), rtol=1e-4)
 
 
 def test_linear_cross_entropy_under_cpu_autocast_like_the_engine():
