@@ -36,8 +36,8 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
-# The vector units that decide CPU speed here: machines named alike ("AMD EPYC") differ by 3-4x in MLM
-# pretraining throughput, fp32 on AVX2 against bf16 autocast on AVX512-BF16.
+# The vector units that decide CPU speed here: machines named alike ("AMD EPYC") differed 2.4x in MLM
+# pretraining time (default_cpu.jsonl rows 9d1d552 and 2d92fc9), fp32 on AVX2 against bf16 on AVX512-BF16.
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 

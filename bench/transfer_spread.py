@@ -24,10 +24,10 @@ import torch
 
 from engine.config import ConfigError, load
 from engine.evaluate import evaluate_retrieval, evaluate_task
-from engine.protocol import BASELINE, TaskData, _seed, encoder_config, finetune, plan, resolve_device
+from engine.protocol import (BASELINE, TaskData, encoder_config, finetune, for_finetuning, phase_seed, plan,
+                             resolve_device, retrieval_layer, use_bf16)
 from engine.pretrain import default_cache_dir, pretrain
 from engine.train import parse_args
-from engine.trainer import bf16_supported
 
 from .env import environment
 
@@ -46,17 +46,15 @@ def spread_row(cfg, task_name: str, finetune_seeds: list[int], cache: Path, work
     if task_name not in {t.name for t in p.targets} or world.tasks[task_name].format != "pair":
         raise ConfigError(f"--task {task_name!r}: expected a sentence-pair target task of the default")
     device = resolve_device(cfg.run.device)
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and bf16_supported(device))
+    bf16 = use_bf16(cfg.run, device)
     encoder, tokenizer, info = pretrain(world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed, cache,
                                         None, bf16, device)
-    encoder = encoder.with_config(hidden_dropout=cfg.model.hidden_dropout,
-                                  attention_dropout=cfg.model.attention_dropout,
-                                  kernel_backend=cfg.model.kernels).to(device)
+    encoder = for_finetuning(encoder, cfg.model, device)
     task, ft = world.tasks[task_name], cfg.target.for_task(task_name)
     task_data = TaskData(world, tokenizer)
     finetunes = []
     for seed in finetune_seeds:
-        model, _ = finetune(copy.deepcopy(encoder), task, task_data, ft, _seed(seed, BASELINE, task_name),
+        model, _ = finetune(copy.deepcopy(encoder), task, task_data, ft, phase_seed(seed, BASELINE, task_name),
                             work / f"{cfg.run.seed}-{seed}", False, cfg.eval.batch_size, bf16)
         scores = {}
         for lang in p.languages:
@@ -68,7 +66,7 @@ def spread_row(cfg, task_name: str, finetune_seeds: list[int], cache: Path, work
         finetunes.append({"finetune_seed": seed, "en": scores["en"], "zero_shot_mean": mean,
                           "ratio": mean / scores["en"], "scores": scores})
     retrieval = world.tasks["syn-tatoeba"]
-    layer = cfg.eval.retrieval_layer if cfg.eval.retrieval_layer >= 0 else encoder.cfg.num_layers // 2
+    layer = retrieval_layer(cfg, encoder)
     tatoeba = {lang: evaluate_retrieval(encoder, retrieval, world.load(retrieval.name, "test", lang), tokenizer,
                                         layer, cfg.target.max_len, cfg.eval.batch_size)[0]["score"]
                for lang in p.languages if lang in retrieval.languages}
@@ -85,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="", help="pretraining cache (default: the user's, as engine.train)")
     ap.add_argument("--results", default="bench/results/transfer_spread_cpu.jsonl")
     args, extra = ap.parse_known_args(argv)
+    pretrain_seeds, finetune_seeds = _seeds(args.pretrain_seeds), _seeds(args.finetune_seeds)
     try:
         path, overrides, _ = parse_args(extra)
         base = load(path, overrides)
@@ -97,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for seed in _seeds(args.pretrain_seeds):
+        for seed in pretrain_seeds:
             cfg = copy.deepcopy(base)
             cfg.run.seed, cfg.run.console = seed, False
             try:
-                row = spread_row(cfg, args.task, _seeds(args.finetune_seeds), cache, Path(work))
+                row = spread_row(cfg, args.task, finetune_seeds, cache, Path(work))
             except ConfigError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

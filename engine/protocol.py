@@ -135,6 +135,22 @@ def make_sparse(encoder: Encoder, m, seed: int) -> Encoder:
     return sparse.with_config(moe_balance_coef=m.balance_coef, moe_z_coef=m.z_coef)
 
 
+def use_bf16(run, device: torch.device) -> bool:
+    """run.precision: bf16 forces autocast, auto uses it where the hardware computes bf16 natively."""
+    return run.precision == "bf16" or (run.precision == "auto" and bf16_supported(device))
+
+
+def for_finetuning(encoder: Encoder, m, device: torch.device) -> Encoder:
+    """The pretrained encoder with the fine-tuning dropout and kernel backend of `model`, on `device`."""
+    return encoder.with_config(hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+                               kernel_backend=m.kernels).to(device)
+
+
+def retrieval_layer(cfg: Config, encoder: Encoder) -> int:
+    """The hidden layer retrieval embeds with: eval.retrieval_layer, or the middle one (-1)."""
+    return cfg.eval.retrieval_layer if cfg.eval.retrieval_layer >= 0 else encoder.cfg.num_layers // 2
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +160,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _seed(*key) -> int:
+def phase_seed(*key) -> int:
     return int(hashlib.sha256("-".join(map(str, key)).encode()).hexdigest()[:8], 16)
 
 
@@ -204,7 +220,7 @@ def run_study(cfg: Config) -> dict:
     world, console = p.world, cfg.run.console
 
     device = resolve_device(cfg.run.device)
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and bf16_supported(device))
+    bf16 = use_bf16(cfg.run, device)
 
     # Phase 1: the pretrained multilingual encoder: a Hugging Face model by name, or the stand-in for XLM-R
     # pretrained here with MLM on the synthetic corpus (cached by its config).
@@ -216,14 +232,12 @@ def run_study(cfg: Config) -> dict:
         cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
         pretrained, tokenizer, pre_info = pretrain(world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed,
                                                    cache, out / "pretrain", bf16, device)
-    pretrained = make_sparse(pretrained, cfg.model, _seed(cfg.run.seed, "upcycle"))
+    pretrained = make_sparse(pretrained, cfg.model, phase_seed(cfg.run.seed, "upcycle"))
     arch = pretrained.cfg
     pre_info |= {"parameters": arch.num_parameters(), "active_parameters": arch.active_parameters(),
                  "experts": arch.num_experts, "top_k": arch.moe_top_k if arch.num_experts else 0}
-    pretrained = pretrained.with_config(hidden_dropout=cfg.model.hidden_dropout,
-                                        attention_dropout=cfg.model.attention_dropout,
-                                        kernel_backend=cfg.model.kernels).to(device)
-    layer = cfg.eval.retrieval_layer if cfg.eval.retrieval_layer >= 0 else pretrained.cfg.num_layers // 2
+    pretrained = for_finetuning(pretrained, cfg.model, device)
+    layer = retrieval_layer(cfg, pretrained)
     scores: dict = {}
     phases: dict = {"pretrain": pre_info}
     task_data = TaskData(world, tokenizer)
@@ -236,8 +250,8 @@ def run_study(cfg: Config) -> dict:
             task = world.tasks[condition]
             phase_dir = out / condition / f"intermediate-{task.name}"
             model, info = finetune(handoff.encoder, task, task_data, cfg.intermediate.for_task(task.name),
-                                   _seed(cfg.run.seed, condition, task.name), phase_dir, console, cfg.eval.batch_size,
-                                   bf16)
+                                   phase_seed(cfg.run.seed, condition, task.name), phase_dir, console,
+                                   cfg.eval.batch_size, bf16)
             handoff = Handoff(model.encoder, handoff.lineage + (task.name,))
             phases[f"{condition}/intermediate-{task.name}"] = info
 
@@ -248,7 +262,7 @@ def run_study(cfg: Config) -> dict:
             if task.needs_training:
                 ft = cfg.target.for_task(task.name)
                 model, info = finetune(copy.deepcopy(handoff.encoder), task, task_data, ft,
-                                       _seed(cfg.run.seed, condition, task.name), phase_dir, console,
+                                       phase_seed(cfg.run.seed, condition, task.name), phase_dir, console,
                                        cfg.eval.batch_size, bf16)
                 for lang in langs:
                     rows, feats = task_data.get(task, "test", lang, ft)

@@ -13,7 +13,7 @@ Layers, as in DESIGN.md:
 - host functions `attention_forward` / `attention_backward` and one autograd Function.
 - `attention_reference`, the PyTorch twin: the test oracle, written out step by step;
 - `attention_torch`, the path taken off the kernels (CPU, backend="torch"): the same function through
-  PyTorch SDPA (its fused CPU kernel is ~25% faster than the written-out twin in a training step), and
+  PyTorch SDPA (its fused CPU kernel instead of the twin's separate matmul / mask / softmax steps), and
   the twin itself where SDPA cannot give the same result (seeded dropout, float64).
 
 Padded layout: query rows past a sequence's length still attend to that sequence's real keys, in the
