@@ -41,8 +41,10 @@ def save_task_model(model: TaskModel, folder: Path, meta: dict, tokenizer=None) 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
+    # A dual encoder's head holds only its training scale: the model is its encoder (transformers' AutoModel).
+    exported = model.encoder if model.head.kind == "dual-encoder" else model
     try:
-        hf.export(model, folder, tokenizer=tokenizer, labels=meta.get("labels") or None, extra_files=extra_files)
+        hf.export(exported, folder, tokenizer=tokenizer, labels=meta.get("labels") or None, extra_files=extra_files)
     except hf.ModelLoadError:  # e.g. pre-layer-norm with an embedding norm: no HF class to load it
         write_folder(folder, {"config.json": json.dumps(model.encoder.cfg.to_dict(), indent=1),
                               "model.safetensors": model.state_dict(), **extra_files}, extra=add_tokenizer)

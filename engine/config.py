@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from eval.synthetic.world import DEFAULT_LANGUAGES, TARGET_TASKS
+from eval.synthetic.world import DEFAULT_LANGUAGES
 
 from .pretrain import MLMConfig
 
@@ -69,10 +69,12 @@ class FinetuneConfig:
     batch_size: int = 32
     lr: float = 5e-4
     warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # > 0: linear warmup over this many steps instead of warmup_ratio (XTREME's QA: 500)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_len: int = 128  # XTREME's QA setting for real models: max_len 384 with doc_stride 128
     doc_stride: int = 128  # overlap of the windows over a long QA context (capped at max_len // 2)
+    query_max_len: int = 0  # dual encoders (Mewsli-X, LAReQA): length of the queries; 0 = max_len
     evals_per_epoch: int = 1  # dev evaluations (for best-checkpoint selection) per epoch
     log_every: int = 50
     overrides: dict = field(default_factory=dict)  # task -> {key: value} for that task only
@@ -84,11 +86,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the real tasks' data come from (protocol.suite xtreme / xtreme-r), and its feature cache."""
+    dir: str = ""  # root of the official raw files (eval.loaders layouts); "" = the Hugging Face hub
+    cache_dir: str = ""  # tokenized features; "" = <pretraining cache>/features; "none" = no cache
+    max_train_rows: int = 0  # use at most this many English training rows per task (0 = all): quick runs
+    max_dev_rows: int = 0  # likewise for the English dev rows that choose the checkpoint (0 = all)
+
+
+@dataclass
 class ProtocolConfig:
-    # One condition per entry: "baseline" (no intermediate task) or an intermediate task's name.
-    conditions: list[str] = field(default_factory=lambda: ["baseline", "syn-mnli", "syn-squad"])
-    targets: list[str] = field(default_factory=lambda: list(TARGET_TASKS))
-    languages: list[str] = field(default_factory=list)  # evaluation languages; [] = all of the world's
+    suite: str = "synthetic"  # synthetic (the built-in world) | xtreme | xtreme-r
+    # One condition per entry: "baseline" (no intermediate task) or an intermediate task's name;
+    # [] = the suite's default (synthetic: baseline, syn-mnli, syn-squad; real suites: baseline, squad, mnli).
+    conditions: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # [] = every task of the suite
+    languages: list[str] = field(default_factory=list)  # evaluation languages; [] = each task's official list
 
 
 @dataclass
@@ -102,6 +115,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     pretrain: MLMConfig = field(default_factory=MLMConfig)
     # Extractive QA learns slowest at this size: a higher learning rate for it. POS tagging reaches 100 on
     # English dev within an epoch, so two are enough (NER stayed at 90 after two, so it keeps three).
@@ -176,18 +190,40 @@ def _set(obj, key: str, value, where: str) -> None:
     setattr(obj, key, _coerce(value, hints[key], where))
 
 
+def read_toml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A TOML config file as a dict. A top-level `extends = "other.toml"` (relative to the file) reads that
+    file first and merges this one over it, table by table (a recipe for XLM-R base restates only what
+    differs from the large one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{chain[-1]}: extends {path}: no such file" if chain else f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a file name, got {base!r}")
+    parent = (p.parent / base).resolve()
+    if parent in chain + (p.resolve(),):
+        raise ConfigError(f"{path}: extends {base}: a cycle of recipes")
+    return _merge(read_toml(parent, chain + (p.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load(path: str | None, overrides: list[tuple[str, str]]) -> Config:
-    """Defaults <- TOML file <- `--section.key value` overrides, then validated."""
+    """Defaults <- TOML file (and the files it extends) <- `--section.key value` overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        for section, value in data.items():
+        for section, value in read_toml(path).items():
             _set(cfg, section, value, f"{path}: {section}")
     for dotted, raw in overrides:
         parts = dotted.split(".")

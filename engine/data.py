@@ -113,26 +113,50 @@ def featurize_qa(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, stri
 
 
 def featurize_choice(task: TaskSpec, rows: list[dict], tokenizer, max_len: int) -> list[dict]:
-    feats = []
+    """One (context, ending) pair per choice; one batched tokenizer call over every row's pairs."""
+    k = task.num_choices
     for i, row in enumerate(rows):
-        if len(row["endings"]) != task.num_choices:
-            raise ValueError(f"{task.name}: row {i}: {len(row['endings'])} endings, expected {task.num_choices}")
-        enc = _pair_inputs(tokenizer, [row["context"]] * task.num_choices, list(row["endings"]), max_len)
-        choices = [{k: v[c] for k, v in enc.items()} for c in range(task.num_choices)]
-        feats.append({"choices": choices, "labels": row["label"], "example": i})
-    return feats
+        if len(row["endings"]) != k:
+            raise ValueError(f"{task.name}: row {i}: {len(row['endings'])} endings, expected {k}")
+    if not rows or not k:
+        return [{"choices": [], "labels": row["label"], "example": i} for i, row in enumerate(rows)]
+    enc = _pair_inputs(tokenizer, [row["context"] for row in rows for _ in range(k)],
+                       [ending for row in rows for ending in row["endings"]], max_len)
+    return [{"choices": [{key: v[i * k + c] for key, v in enc.items()} for c in range(k)],
+             "labels": row["label"], "example": i} for i, row in enumerate(rows)]
+
+
+def featurize_ranking(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, query_max_len: int = 0) -> list[dict]:
+    """Dual-encoder training pairs from ranking rows (query rows, then the candidate pool; eval.tasks): one
+    (query, its first gold candidate) pair per query whose gold is in the pool, laid out as two "choices" so that
+    collate flattens a batch into q0 c0 q1 c1 ...; `labels` is the candidate's index in the pool (a batch holding
+    one candidate twice must not treat the copy as a negative). Queries are cut at query_max_len (0 = max_len)."""
+    pool = {r["id"]: i for i, r in enumerate(r for r in rows if "candidate" in r)}
+    texts = [r["candidate"] for r in rows if "candidate" in r]
+    queries = [r for r in rows if "query" in r and r["answers"] and r["answers"][0] in pool]
+    if not queries:
+        return []
+    q = tokenizer([r["query"] for r in queries], truncation=True, max_length=query_max_len or max_len)["input_ids"]
+    gold = [pool[r["answers"][0]] for r in queries]
+    c = tokenizer([texts[g] for g in gold], truncation=True, max_length=max_len)["input_ids"]
+    return [{"choices": [{"input_ids": qi}, {"input_ids": ci}], "labels": g, "example": i}
+            for i, (qi, ci, g) in enumerate(zip(q, c, gold))]
 
 
 FEATURIZERS = {"pair": featurize_pair, "tagging": featurize_tagging, "qa": featurize_qa,
-               "choice": featurize_choice}
+               "choice": featurize_choice, "ranking": featurize_ranking}
 
 
-def featurize(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, doc_stride: int = 128) -> list[dict]:
-    """Model inputs for `rows`; doc_stride is the overlap of QA windows over long contexts."""
+def featurize(task: TaskSpec, rows: list[dict], tokenizer, max_len: int, doc_stride: int = 128,
+              query_max_len: int = 0) -> list[dict]:
+    """Model inputs for `rows`; doc_stride is the overlap of QA windows over long contexts, query_max_len the
+    length of a dual encoder's queries (ranking)."""
     if task.format not in FEATURIZERS:
         raise ValueError(f"{task.name}: format {task.format!r} is not trained (retrieval needs no features)")
     if task.format == "qa":
         return featurize_qa(task, rows, tokenizer, max_len, doc_stride)
+    if task.format == "ranking":
+        return featurize_ranking(task, rows, tokenizer, max_len, query_max_len)
     return FEATURIZERS[task.format](task, rows, tokenizer, max_len)
 
 

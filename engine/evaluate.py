@@ -1,7 +1,11 @@
 """Run a model over task rows, decode predictions in each task's native form, and score them with
 `eval.metrics` (the XTREME metrics). Retrieval uses the encoder alone: mean-pooled hidden states of
-one layer, nearest neighbour by cosine similarity."""
+one layer, nearest neighbour by cosine similarity; a dual encoder (ranking tasks) ranks a candidate pool with
+the pooling it was trained with."""
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -38,14 +42,18 @@ def predict(model: TaskModel, task: TaskSpec, rows: list[dict], feats: list[dict
         return [[t or "O" for t in sent] for sent in tags]
     if task.format == "qa":
         best: dict[int, tuple[float, str]] = {}
+        null: dict[int, float] = {}  # SQuAD v2.0: the lowest "no answer" score (first token) over the windows
         for batch in batches(feats, batch_size, pad_id):
             out = model(to_device(batch, device))
             for ex, offsets, s_log, e_log in zip(batch["example"], batch["offsets"], out["start_logits"].cpu(),
                                                  out["end_logits"].cpu()):
+                null[ex] = min(null.get(ex, math.inf), float(s_log[0] + e_log[0]))
                 span = _best_span(offsets, s_log, e_log)
                 if span is not None and (ex not in best or span[0] > best[ex][0]):
                     context = rows[ex]["context"]
                     best[ex] = (span[0], context[span[1]:span[2]])
+        if task.metric == "squad_v2":  # answer "" where no span beats the null score (threshold 0)
+            best = {ex: b for ex, b in best.items() if b[0] > null[ex]}
         return {row["id"]: best.get(i, (0.0, ""))[1] for i, row in enumerate(rows)}
     raise ValueError(f"{task.name}: no predictions for format {task.format}")
 
@@ -97,3 +105,27 @@ def evaluate_retrieval(encoder: Encoder, task: TaskSpec, rows: list[dict], token
                 for side in ("source", "target"))
     preds = retrieval.nearest(src, tgt)
     return metrics.score(task.metric, preds, list(range(len(rows)))), preds
+
+
+def embedder(encoder: Encoder, tokenizer, layer: int, pooling: str, max_len: int, batch_size: int):
+    """sentences -> (n, hidden) vectors: `pooling` of hidden layer `layer` (eval.retrieval.embed)."""
+    return functools.partial(retrieval.embed, encoder, tokenizer, layer=layer, pooling=pooling, max_len=max_len,
+                             batch_size=batch_size)
+
+
+def dual_encoder_embedders(model: TaskModel, tokenizer, max_len: int, query_max_len: int, batch_size: int):
+    """(candidates, queries) embedders of a dual encoder: its own pooling of the last layer, queries cut at
+    query_max_len (0 = max_len)."""
+    layer, pooling = model.encoder.cfg.num_layers, model.head.pooling
+    return (embedder(model.encoder, tokenizer, layer, pooling, max_len, batch_size),
+            embedder(model.encoder, tokenizer, layer, pooling, query_max_len or max_len, batch_size))
+
+
+def evaluate_ranking(model: TaskModel, rows: list[dict], tokenizer, max_len: int, query_max_len: int,
+                     batch_size: int) -> dict:
+    """mAP@20 (0-100) of a dual encoder ranking the rows' candidate pool for their queries (dev selection)."""
+    from eval.run import rank_queries
+
+    candidates, queries = dual_encoder_embedders(model, tokenizer, max_len, query_max_len, batch_size)
+    predictions, gold = rank_queries(candidates, rows, {}, queries)
+    return metrics.score("map@20", predictions, gold)

@@ -101,13 +101,20 @@ def mask_batch(seqs: list[list[int]], tokenizer, mask_prob: float, gen: torch.Ge
     return {"input_ids": inputs, "labels": labels, "lengths": torch.full((ids.shape[0],), ids.shape[1])}
 
 
-def _source_digest() -> str:
-    """Hash of the code that determines the pretrained model, so the cache never serves stale results."""
-    root = Path(__file__).resolve().parent.parent
-    files = sorted((root / "eval" / "synthetic").glob("*.py")) + [Path(__file__).resolve()]
+# Everything the cached model is computed by: the corpus generator, the tokenizer builder, the model and its
+# kernels, the training loop and the checkpoint format.
+PRETRAINING_CODE = ("eval/synthetic/*.py", "eval/tasks.py", "models/*.py", "kernels/*.py", "engine/pretrain.py",
+                    "engine/trainer.py", "engine/data.py", "engine/checkpoint.py")
+
+
+def source_digest(root: Path | None = None) -> str:
+    """Hash of the code that determines the pretrained model (PRETRAINING_CODE under the project `root`), so the
+    cache never serves a model that the current code would not compute."""
+    root = root or Path(__file__).resolve().parent.parent
+    files = sorted({f for pattern in PRETRAINING_CODE for f in root.glob(pattern)})
     h = hashlib.sha256()
     for f in files:
-        h.update(f.read_bytes())
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -115,7 +122,8 @@ def cache_key(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, s
     blob = json.dumps({"world_seed": world.seed, "languages": world.codes, "code_switch": world.code_switch_rate,
                        "sentence_switch": world.sentence_switch_rate,
                        "model": model_cfg.to_dict(),
-                       "mlm": asdict(cfg), "seed": seed, "bf16": bf16, "code": _source_digest()}, sort_keys=True)
+                       "mlm": asdict(cfg), "seed": seed, "bf16": bf16, "code": source_digest(),
+                       "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

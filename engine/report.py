@@ -9,9 +9,10 @@ from eval.tasks import TaskSpec
 BASELINE = "baseline"
 
 
-def summarize(scores: dict, tasks: dict[str, TaskSpec]) -> dict:
+def summarize(scores: dict, chance: dict[str, float]) -> dict:
     """Per condition and task: English score, zero-shot mean over the other languages, gap (en - mean),
-    ratio (mean / en), worst language; and each condition's deltas against the baseline."""
+    ratio (mean / en), the chance-corrected ratio ((mean - chance) / (en - chance), None unless English is
+    above chance), worst language; and each condition's deltas against the baseline."""
     per_condition = {}
     for condition, by_task in scores.items():
         per_condition[condition] = {}
@@ -24,6 +25,8 @@ def summarize(scores: dict, tasks: dict[str, TaskSpec]) -> dict:
                 "en": en, "zero_shot_mean": zs,
                 "gap": en - zs if en is not None and zs is not None else None,
                 "ratio": zs / en if en and zs is not None else None,
+                "chance_corrected_ratio": ((zs - chance[task]) / (en - chance[task])
+                                           if en is not None and zs is not None and en > chance[task] else None),
                 "worst_language": worst,
             }
     deltas = {}
@@ -46,6 +49,10 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _signed(x) -> str:
     return "-" if x is None else f"{x:+.1f}"
 
@@ -58,13 +65,19 @@ def table(results: dict, tasks: dict[str, TaskSpec]) -> str:
         for by_lang in by_task.values():
             langs += [lang for lang in by_lang if lang not in langs]
         lines += [f"### {condition}", "",
-                  "| task | metric | " + " | ".join(langs) + " | zero-shot mean | gap (en - mean) |",
-                  "|---|---|" + "---:|" * (len(langs) + 2)]
+                  "| task | metric | " + " | ".join(langs)
+                  + " | zero-shot mean | gap (en - mean) | ratio | chance-corrected ratio |",
+                  "|---|---|" + "---:|" * (len(langs) + 4)]
         for task, by_lang in by_task.items():
             s = summary["by_condition"][condition][task]
             cells = [_fmt(by_lang.get(lang)) for lang in langs]
             lines.append(f"| {task} | {tasks[task].metric} | " + " | ".join(cells)
-                         + f" | {_fmt(s['zero_shot_mean'])} | {_fmt(s['gap'])} |")
+                         + f" | {_fmt(s['zero_shot_mean'])} | {_fmt(s['gap'])} | {_ratio(s['ratio'])} "
+                         f"| {_ratio(s['chance_corrected_ratio'])} |")
+        suite = {k: v for k, v in results.get("suite", {}).get("scores", {}).get(condition, {}).items()
+                 if not isinstance(v, dict)}
+        if suite:  # the official group and suite scores (eval.score), where every language was run
+            lines += ["", "suite scores: " + ", ".join(f"{k} {v:.1f}" for k, v in suite.items())]
         lines.append("")
     deltas = summary["delta_vs_baseline"]
     if deltas:

@@ -1,8 +1,9 @@
-"""`python -m engine.train [--config FILE.toml] [--section.key value ...] [--out DIR]`
+"""`python -m engine.train [--config FILE.toml] [--section.key value ...] [--out DIR] [--overwrite]`
 
 With no arguments: the embedded default, the whole three-phase protocol on the built-in synthetic
-multilingual suite with a tiny encoder, on CPU, in minutes. Configuration errors exit with code 2 and
-write nothing.
+multilingual suite with a tiny encoder, on CPU, in minutes. With a recipe (recipes/*.toml) and
+`--data.dir DIR` (or the Hugging Face hub): the real study on XTREME / XTREME-R. Configuration and data
+errors (a missing file, an unknown task or language, a malformed record) exit with code 2 and write nothing.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ USAGE = __doc__.strip().splitlines()[0].strip("`") + """
 options:
   --config FILE        a TOML file of sections ([run], [world], [model], [pretrain], [intermediate],
                        [target], [protocol], [eval]); see README.md
-  --out DIR            output folder (default runs/<run.name>)
+  --out DIR            output folder (default runs/<run.name>); it must be new or empty
+  --overwrite          replace the earlier run held in --out
   --section.key VALUE  override one setting, e.g. --target.epochs 2 --protocol.conditions baseline,syn-mnli
   --print-config       print the resolved configuration as TOML and exit
   -h, --help           this help
 """
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]:
+def parse_args(argv: list[str], flags: dict | None = None) -> tuple[str | None, list[tuple[str, str]], bool]:
+    """(config file, overrides, --print-config); flags such as --overwrite are recorded in `flags`."""
     from .config import ConfigError
 
     config, overrides, print_only = None, [], False
@@ -32,6 +35,11 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool
             raise SystemExit(0)
         if arg == "--print-config":
             print_only, i = True, i + 1
+            continue
+        if arg == "--overwrite":
+            if flags is None:
+                raise ConfigError("--overwrite is not an option here")
+            flags["overwrite"], i = True, i + 1
             continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options start with -- (see --help)")
@@ -53,18 +61,22 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    from eval.loaders import DataUnavailable, FormatError
+
     from .config import ConfigError, load, to_toml
     from .protocol import plan, run_study
 
     try:
-        path, overrides, print_only = parse_args(sys.argv[1:] if argv is None else argv)
+        flags = {"overwrite": False}
+        path, overrides, print_only = parse_args(sys.argv[1:] if argv is None else argv, flags)
         cfg = load(path, overrides)
         if print_only:
-            plan(cfg)
+            p = plan(cfg)
+            cfg.protocol.conditions, cfg.protocol.targets = list(p.conditions), [t.name for t in p.targets]
             print(to_toml(cfg))
             return 0
-        run_study(cfg)
-    except ConfigError as e:
+        run_study(cfg, overwrite=flags["overwrite"])
+    except (ConfigError, DataUnavailable, FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from models.moe import MoEFeedForward
+
 from .data import device_of, to_device
 from .progress import PhaseLogger
 
@@ -23,6 +25,7 @@ class LoopConfig:
     steps: int
     lr: float
     warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # > 0: instead of warmup_ratio
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 50
@@ -40,20 +43,31 @@ class LoopResult:
     tokens: int
 
 
+def decays(module: torch.nn.Module, name: str, p: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies to parameter `name` of `module`: to weight matrices and embeddings, not to
+    biases, norms or scalars (as BERT / XLM-R fine-tuning does). MoE expert biases are stacked (E, F) but are
+    biases all the same: they are treated as the dense FFN's biases are."""
+    if isinstance(module, MoEFeedForward):
+        return name not in MoEFeedForward.BIASES
+    return p.dim() >= 2 and not isinstance(module, torch.nn.LayerNorm)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> tuple[torch.optim.Optimizer, object]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:  # a shared (tied) parameter is one parameter
+                seen.add(id(p))
+                (decay if decays(module, name, p) else no_decay).append(p)
     # The fused AdamW: one kernel over all parameters instead of a loop of small ops per parameter, which
     # matters for the tiny encoder's short CPU steps.
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                             fused=fused or None)
-    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+    warmup = cfg.warmup_steps or max(1, int(cfg.warmup_ratio * cfg.steps))
 
-    def factor(step: int) -> float:  # linear warmup, then linear decay to 0
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 0 (as transformers' linear schedule)
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))

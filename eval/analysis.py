@@ -5,6 +5,9 @@ the synthetic suite). Per task it reports:
 - `english`: the English score (absent when English is not among the task's test languages);
 - `zero_shot_mean`: the mean over the other languages;
 - `gap`: english - zero_shot_mean, the cross-lingual transfer gap as the XTREME paper reports it (Table 3);
+- `ratio`: zero_shot_mean / english, and, given the task's chance score, `chance_corrected_ratio`:
+  (zero_shot_mean - chance) / (english - chance), the share of the above-chance English skill that transfers
+  (absent when English is not above chance);
 - `worst`: the lowest-scoring language and its score;
 - `by_family` / `by_script`: means over the languages of each family / script (eval.languages).
 Scores are the task scores per language (0-100), e.g. `avg_metric`'s parts from eval.score.
@@ -30,8 +33,8 @@ def _group_means(scores: Mapping[str, float], key) -> dict[str, float]:
     return {name: _mean(values) for name, values in sorted(groups.items())}
 
 
-def task_view(scores: Mapping[str, float]) -> dict:
-    """The analysis of one task's per-language scores."""
+def task_view(scores: Mapping[str, float], chance: float | None = None) -> dict:
+    """The analysis of one task's per-language scores; `chance` (0-100) adds the chance-corrected ratio."""
     if not scores:
         raise ValueError("analysis: a task needs at least one language score")
     others = {lang: v for lang, v in scores.items() if lang != "en"}
@@ -43,15 +46,20 @@ def task_view(scores: Mapping[str, float]) -> dict:
         view["zero_shot_mean"] = _mean(others.values())
         if "en" in scores:
             view["gap"] = scores["en"] - view["zero_shot_mean"]
+            if scores["en"]:
+                view["ratio"] = view["zero_shot_mean"] / scores["en"]
+            if chance is not None and scores["en"] > chance:
+                view["chance_corrected_ratio"] = (view["zero_shot_mean"] - chance) / (scores["en"] - chance)
     view["worst"] = {"language": worst, "score": scores[worst]}
     view["by_family"] = _group_means(scores, lambda lang: language(lang).family)
     view["by_script"] = _group_means(scores, lambda lang: language(lang).script)
     return view
 
 
-def suite_view(task_scores: Mapping[str, Mapping[str, float]]) -> dict:
-    """Per-task views, plus the mean gap over the tasks that have one (the XTREME paper's average gap)."""
-    tasks = {name: task_view(scores) for name, scores in task_scores.items()}
+def suite_view(task_scores: Mapping[str, Mapping[str, float]], chance: Mapping[str, float] | None = None) -> dict:
+    """Per-task views, plus the mean gap over the tasks that have one (the XTREME paper's average gap).
+    `chance` maps tasks to their chance score (see task_view)."""
+    tasks = {name: task_view(scores, (chance or {}).get(name)) for name, scores in task_scores.items()}
     gaps = [v["gap"] for v in tasks.values() if "gap" in v]
     out: dict = {"name": ANALYSIS_NAME, "tasks": tasks}
     if gaps:

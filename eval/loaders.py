@@ -264,6 +264,27 @@ def read_xcopa_jsonl(path: str | Path) -> list[dict]:
     return [copa_row(r, f"{path}:{n}") for n, r in enumerate(_jsonl(path), 1)]
 
 
+def read_siqa(path: str | Path) -> list[dict]:
+    """Social IQa's release (`socialiqa-train-dev/{train,dev}.jsonl`: context, question, answerA/B/C) with its
+    labels in the `<split>-labels.lst` file beside it (one of 1, 2, 3 per line)."""
+    path = Path(path)
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    if not labels_path.is_file():
+        raise FormatError(f"{path}: Social IQa keeps its labels in {labels_path.name} beside it, which is missing")
+    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = list(_numbered_jsonl(path))
+    if len(labels) != len(records):
+        raise FormatError(f"{labels_path}: {len(labels)} labels but {path} has {len(records)} records")
+    rows = []
+    for (n, r), label in zip(records, labels):
+        _require(r, ("context", "question", "answerA", "answerB", "answerC"), f"{path}:{n}")
+        if label not in ("1", "2", "3"):
+            raise FormatError(f"{labels_path}: label {label!r} for {path}:{n} is not 1, 2 or 3")
+        rows.append({"context": f"{r['context']} {r['question']}",
+                     "endings": [r["answerA"], r["answerB"], r["answerC"]], "label": int(label) - 1})
+    return rows
+
+
 def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in record]
     if missing:
@@ -524,8 +545,7 @@ def load_mewslix(data_dir: str | Path, lang: str, split: str = "test") -> list[d
     the whole candidate set (`candidate_set_entities.jsonl`). train: the Wikipedia pairs of `lang`
     (`wikipedia_pairs-train.jsonl`, English), then their entities."""
     if split == "train":
-        rows = _cached(read_mewslix_pairs, find_local("mewslix", data_dir, lang, split, MEWSLIX_PAIRS))
-        return [r for r in rows if r.get("language", lang) == lang]
+        return load_mewslix_pairs(data_dir, lang, split)
     mentions_path = find_local("mewslix", data_dir, lang, split)
     candidates_path = find_local("mewslix", data_dir, lang, split, MEWSLIX_CANDIDATES)
     queries = [r for r in _cached(read_mewslix_mentions, mentions_path) if r["language"] == lang]
@@ -538,6 +558,57 @@ def load_mewslix(data_dir: str | Path, lang: str, split: str = "test") -> list[d
     if lost:
         raise FormatError(f"{mentions_path}: the gold entities of {len(lost)} {lang} mentions are not in "
                           f"{candidates_path} (e.g. {lost[0]['id']} -> {lost[0]['answers'][0]})")
+    return queries + candidates
+
+
+def load_mewslix_pairs(data_dir: str | Path, lang: str, split: str = "train") -> list[dict]:
+    """Mewsli-X Wikipedia pairs of `lang` (`wikipedia_pairs-{train,dev}.jsonl`, English): the XTREME-R baseline's
+    dual-encoder training data (train) and its English model-selection set (dev), as query rows followed by the
+    entities they name."""
+    rows = _cached(read_mewslix_pairs, find_local("mewslix", data_dir, lang, split, MEWSLIX_PAIRS))
+    queries = [r for r in rows if "query" in r and r.get("language", lang) == lang]
+    if not queries:
+        raise DataUnavailable(f"mewslix {lang} {split}: the Wikipedia pairs have no mention whose context.language "
+                              f"is {lang!r}")
+    return queries + [r for r in rows if "candidate" in r]
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of the sentences of `text`, split after ., ! or ? (and closing quotes or
+    brackets) followed by whitespace; every character but the separating whitespace is in a span."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((start, m.start(1)))
+        start = m.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return spans
+
+
+def squad_as_retrieval(rows: list[dict]) -> list[dict]:
+    """SQuAD rows in LAReQA's retrieval form, as the XTREME-R baseline trains its dual encoder: each question a
+    query whose answer is the sentence holding its (first) answer's start; candidates are the sentences of every
+    context, each followed by its context as in XQuAD-R (`read_xquad_r`). Sentences are split by
+    `sentence_spans` (SQuAD has no sentence breaks); questions whose answer starts outside every sentence, and
+    unanswerable ones, are skipped. Candidate ids: `<context number>_<sentence number>`."""
+    contexts: dict[str, int] = {}
+    candidates, queries = [], []
+    spans_of: dict[int, list[tuple[int, int]]] = {}
+    for r in rows:
+        c = contexts.setdefault(r["context"], len(contexts))
+        if c not in spans_of:
+            spans_of[c] = sentence_spans(r["context"])
+            candidates += [{"id": f"{c}_{k}", "candidate": f"{r['context'][a:b]} {r['context']}"}
+                           for k, (a, b) in enumerate(spans_of[c])]
+        if not r["answers"]["answer_start"]:
+            continue
+        start = r["answers"]["answer_start"][0]
+        k = next((k for k, (a, b) in enumerate(spans_of[c]) if a <= start < b), None)
+        if k is not None:
+            queries.append({"id": r["id"], "query": r["question"], "answers": [f"{c}_{k}"]})
     return queries + candidates
 
 
@@ -577,7 +648,9 @@ LOCAL_PATTERNS: dict[str, tuple[str, ...]] = {
     "udpos": ("udpos/{split}-{lang}.tsv", "**/{lang}_*-ud-{split}.conllu"),
     "xquad": ("xquad/xquad.{lang}.json", "**/xquad.{lang}.json"),
     "mlqa": ("**/{split}-context-{lang}-question-{lang}.json",),
-    "tydiqa": ("**/tydiqa-goldp-v1.1-{split}.json", "**/tydiqa-goldp-{split}-{lowername}.json"),
+    # test: XTREME's TyDiQA test set is TyDiQA-GoldP dev, per language (xtreme's download blanks its answers: use
+    # the release's tydiqa-goldp-dev-<language>.json or tydiqa-goldp-v1.1-dev.json)
+    "tydiqa": ("**/tydiqa-goldp-{split}-{lowername}.json", "**/tydiqa-goldp-v1.1-{split}.json"),
     "tatoeba": ("tatoeba/tatoeba.{iso3}-eng.{iso3}", "**/tatoeba.{iso3}-eng.{iso3}"),
     "bucc2018": ("bucc2018/{lang}-en.{split}.{lang}", "**/{lang}-en.{split}.{lang}"),
     "xcopa": ("xcopa/{lang}/{split}.{lang}.jsonl", "**/{split}.{lang}.jsonl"),
@@ -588,6 +661,8 @@ LOCAL_PATTERNS: dict[str, tuple[str, ...]] = {
     "anli": ("**/R1/{split}.jsonl", "**/ANLI_analysis_r1_{split}.csv"),
     "hellaswag": ("**/hellaswag_{split}.jsonl",),
     "cosmosqa": ("**/cosmosqa/{split}.csv", "**/{split}.csv"),
+    "siqa": ("siqa/{split}.jsonl", "**/socialiqa-train-dev/{split}.jsonl", "**/socialiqa/{split}.jsonl"),
+    "copa": ("copa/{split}.jsonl", "**/COPA/{split}.jsonl"),
     "commonsenseqa": ("**/{split}_rand_split.jsonl",),
     "ccg": ("ccg/{split}.tsv", "**/ccg/{split}.tsv"),
     "mewslix": ("mewslix/wikinews_mentions-{split}.jsonl", "mewslix/wikinews_mentions/{split}-{lang}.jsonl",
@@ -597,10 +672,10 @@ LOCAL_PATTERNS: dict[str, tuple[str, ...]] = {
 # Each dataset's own name for a split, tried in order.
 SPLIT_NAMES = {
     "xnli": {"dev": ("dev",)}, "pawsx": {"dev": ("dev",), "train": ("train",)},
-    "udpos": {"dev": ("dev",)}, "tydiqa": {"dev": ("dev",)}, "xcopa": {"dev": ("val", "dev")},
+    "udpos": {"dev": ("dev",)}, "tydiqa": {"dev": ("dev",), "test": ("dev",)}, "xcopa": {"dev": ("val", "dev")},
     "bucc2018": {"dev": ("dev", "sample"), "train": ("training",)}, "mnli": {"dev": ("dev_matched",)},
     "squad": {"dev": ("dev",)}, "squad_v2": {"dev": ("dev",)}, "hellaswag": {"dev": ("val",)},
-    "cosmosqa": {"dev": ("valid", "dev")}, "commonsenseqa": {"dev": ("dev",)},
+    "cosmosqa": {"dev": ("valid", "dev")}, "commonsenseqa": {"dev": ("dev",)}, "copa": {"dev": ("val", "dev")},
 }
 SPLITS = ("train", "dev", "test")
 
@@ -633,8 +708,8 @@ def load_local(task_name: str, data_dir: str | Path, lang: str, split: str = "te
         return load_mewslix(data_dir, lang, split)
     if task_name == "lareqa":
         return load_lareqa(data_dir, lang, split)
-    if task_name == "udpos" and split != "train":
-        # XTREME concatenates every treebank of the language.
+    if task_name == "udpos":
+        # XTREME concatenates every treebank of the language (English training: EWT, GUM, LinES, ParTUT).
         files = sorted(p for p in Path(data_dir).glob(f"**/{lang}_*-ud-{split}.conllu") if p.is_file())
         if files:
             return [row for f in files for row in read_conllu(f)]
@@ -647,22 +722,33 @@ def load_local(task_name: str, data_dir: str | Path, lang: str, split: str = "te
         return read_conllu(path)
     if task.format == "qa":
         rows = read_squad_json(path)
-        if task_name == "tydiqa" and split == "train":
-            rows = english_slice(rows)
+        if task_name == "tydiqa":
+            rows = language_slice(rows, "en" if split == "train" else lang)
+        if split == "test" and rows and not any(t.strip() for r in rows for t in r["answers"]["text"]):
+            raise FormatError(f"{path}: every gold answer is empty: xtreme's download_data.sh blanks the test answers; "
+                              "give the original release's file")
         return rows
     if task.format == "tagging":
         return read_conll(path)
+    if task_name == "siqa":
+        return read_siqa(path)
     if task.format == "choice":
-        return read_xcopa_jsonl(path) if task_name == "xcopa" else read_choice_records(path, task)
+        return read_xcopa_jsonl(path) if task_name in ("xcopa", "copa") else read_choice_records(path, task)
     if task_name == "anli":
         return read_nli_records(path, task)
     return read_pair_tsv(path, task, lang)
 
 
+def language_slice(rows: list[dict], lang: str) -> list[dict]:
+    """TyDiQA-GoldP rows of one language: ids are '<language name>-<number>...'. XTREME fine-tunes on the English
+    slice only (jiant's downloader mixed every language in, which is not zero-shot) and tests on each language's
+    slice of GoldP dev."""
+    prefix = language(lang).name.lower() + "-"
+    return [r for r in rows if r["id"].startswith(prefix)]
+
+
 def english_slice(rows: list[dict]) -> list[dict]:
-    """TyDiQA-GoldP rows whose id starts with 'english' (ids are '<language>-<number>...'): XTREME fine-tunes on
-    these only; jiant's downloader mixed every language in, which is not zero-shot."""
-    return [r for r in rows if r["id"].startswith("english")]
+    return language_slice(rows, "en")
 
 
 # ----- Hugging Face hub ---------------------------------------------------------------------------------------
@@ -711,8 +797,8 @@ def load_hub(task_name: str, lang: str, split: str = "test") -> list[dict]:
         raise _unavailable(task_name, lang, "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set")
     source = HUB[task_name]
     hub_split = {"dev": "validation", "test": "test", "train": "train"}[split]
-    if task_name == "xquad" or task_name == "tatoeba":
-        hub_split = "validation"  # their only split is the benchmark's test set
+    if task_name in ("xquad", "tatoeba", "tydiqa") and split == "test":
+        hub_split = "validation"  # the benchmark's test set (TyDiQA: GoldP dev, per language)
     if task_name == "mnli" and split == "dev":
         hub_split = "validation_matched"
     try:
@@ -729,8 +815,6 @@ def load_hub(task_name: str, lang: str, split: str = "test") -> list[dict]:
             names[key] = feature.feature.names
     rows = [from_hub_row(task, r, names, lang) for r in ds]
     rows = [r for r in rows if r is not None]
-    if task_name == "tydiqa" and split == "train":
-        rows = english_slice(rows)
     return rows
 
 
@@ -743,7 +827,7 @@ def from_hub_row(task: TaskSpec, r: dict, label_names: dict[str, list[str]], lan
 
     name = task.name
     if task.format == "qa":
-        if name == "tydiqa" and lang != "en" and not r["id"].startswith(language(lang).name.lower()):
+        if name == "tydiqa" and not r["id"].startswith(language(lang).name.lower() + "-"):
             return None
         return {"id": r["id"], "context": r["context"], "question": r["question"],
                 "answers": {"text": list(r["answers"]["text"]), "answer_start": list(r["answers"]["answer_start"])}}
@@ -763,8 +847,11 @@ def from_hub_row(task: TaskSpec, r: dict, label_names: dict[str, list[str]], lan
         return {"tokens": list(r["tokens"]), "tags": tags}
     if task.format == "retrieval":
         return {"source": r["source_sentence"].strip(), "target": r["target_sentence"].strip()}
-    if name == "xcopa":
-        return copa_row(r, "xcopa hub row")
+    if name in ("xcopa", "copa"):
+        return copa_row(r, f"{name} hub row")
+    if name == "siqa":
+        return {"context": f"{r['context']} {r['question']}", "endings": [r["answerA"], r["answerB"], r["answerC"]],
+                "label": int(r["label"]) - 1}
     if name == "hellaswag":
         return {"context": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])}
     if name == "cosmosqa":
@@ -787,4 +874,5 @@ __all__ = ["DataUnavailable", "FormatError", "LANGUAGES", "load", "load_local", 
            "from_hub_row", "read_squad_json", "read_pair_tsv", "read_conll", "read_conllu", "read_tatoeba",
            "tatoeba_sorted_positions", "read_bucc", "read_xcopa_jsonl", "read_nli_records", "read_choice_records",
            "english_slice", "read_mewslix_mentions", "read_mewslix_entities", "read_mewslix_pairs", "read_xquad_r",
-           "load_mewslix", "load_lareqa", "mewslix_mention_text", "mewslix_entity_text"]
+           "load_mewslix", "load_mewslix_pairs", "load_lareqa", "read_siqa", "sentence_spans", "squad_as_retrieval",
+           "mewslix_mention_text", "mewslix_entity_text", "language_slice"]

@@ -17,8 +17,8 @@ import unicodedata
 from collections import Counter
 from typing import Callable, Mapping, Sequence
 
-__all__ = ["accuracy", "span_f1", "squad_scores", "mlqa_scores", "qa_score", "retrieval_accuracy", "bucc_f1",
-           "map_at_k", "score", "METRIC_NAMES", "MLQA_LANGS"]
+__all__ = ["accuracy", "span_f1", "squad_scores", "squad_v2_scores", "mlqa_scores", "qa_score", "retrieval_accuracy",
+           "bucc_f1", "map_at_k", "score", "METRIC_NAMES", "MLQA_LANGS"]
 
 
 # ----- classification ---------------------------------------------------------------------------------------
@@ -177,6 +177,24 @@ def squad_scores(predictions: Mapping[str, str], answers: Mapping[str, Sequence[
     return _qa_scores("squad", predictions, answers, _normalize_squad)
 
 
+def squad_v2_scores(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """SQuAD v2.0 exact match and f1 (0-100) as its official evaluate-v2.0.py: an unanswerable question (no gold
+    answer, or only empty ones) has the gold answer "", and an empty side scores 1 only against an empty other."""
+    if len(answers) == 0:
+        raise ValueError("squad_v2: no questions to score")
+    exact_match = f1 = 0
+    for qid, golds in answers.items():
+        if isinstance(golds, str):
+            raise ValueError(f"squad_v2: question {qid!r}: gold answers must be a list of strings, got a string")
+        if qid not in predictions:
+            continue
+        gold = [_normalize_squad(g) for g in golds if _normalize_squad(g)] or [""]
+        pred = _normalize_squad(predictions[qid])
+        exact_match += max(pred == g for g in gold)
+        f1 += max(_token_f1(pred.split(), g.split()) if pred and g else float(pred == g) for g in gold)
+    return {"exact_match": 100.0 * exact_match / len(answers), "f1": 100.0 * f1 / len(answers)}
+
+
 # MLQA removes every Unicode punctuation character (general category P*) plus ASCII string.punctuation (which
 # adds symbols such as $ + < = > ^ ` | ~), then articles of the answer language, then re-tokenizes: on
 # whitespace, or for Chinese with each CJK character as its own token.
@@ -286,7 +304,7 @@ def map_at_k(predictions: Mapping[str, Sequence[str]], answers: Mapping[str, Seq
 
 
 # ----- dispatch ---------------------------------------------------------------------------------------------
-METRIC_NAMES = ("accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy", "bucc_f1", "map@20")
+METRIC_NAMES = ("accuracy", "span_f1", "squad", "squad_v2", "mlqa", "retrieval_accuracy", "bucc_f1", "map@20")
 
 
 def score(metric: str, predictions, labels, lang: str | None = None) -> dict[str, float]:
@@ -303,6 +321,9 @@ def score(metric: str, predictions, labels, lang: str | None = None) -> dict[str
         return {"score": out["f1"], **out}
     if metric == "squad":
         out = squad_scores(predictions, labels)
+        return {"score": qa_score(out), **out}
+    if metric == "squad_v2":
+        out = squad_v2_scores(predictions, labels)
         return {"score": qa_score(out), **out}
     if metric == "mlqa":
         if lang is None:

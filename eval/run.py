@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from . import analysis, loaders, retrieval
-from .score import ScoreError, score_task, write_json_atomically
+from .score import ScoreError, score_task, suite_scores, write_json_atomically
 from .suites import SUITES, Suite
 
 RETRIEVAL = ("tatoeba", "bucc2018")
@@ -80,9 +80,10 @@ def run_bucc(embed, dev: list[dict], test: list[dict]) -> tuple[str, str]:
     return "".join(mined), "".join(gold)
 
 
-def run_ranking(embed, rows: list[dict], pool: dict) -> tuple[str, str]:
-    """(predictions, labels) as JSON objects, query id -> the TOP_K candidate ids by cosine / the gold ids, for
-    ranking rows (eval/tasks.py layout). `pool` keeps the embedded candidates: a task's languages share them."""
+def rank_queries(embed, rows: list[dict], pool: dict, embed_queries=None) -> tuple[dict, dict]:
+    """(predictions, gold): query id -> the TOP_K candidate ids by cosine / its gold ids, for ranking rows
+    (eval/tasks.py layout). `pool` keeps the embedded candidates: a task's languages share them. Queries are
+    embedded with `embed_queries` (default: `embed`), e.g. at a shorter maximum length."""
     queries = [r for r in rows if "query" in r]
     candidates = [r for r in rows if "candidate" in r]
     ids = [r["id"] for r in candidates]
@@ -90,10 +91,14 @@ def run_ranking(embed, rows: list[dict], pool: dict) -> tuple[str, str]:
         texts = [r["candidate"] for r in candidates]
         pool.update(ids=ids, vectors=torch.cat([embed(texts[i:i + POOL_CHUNK])
                                                 for i in range(0, len(texts), POOL_CHUNK)]))
-    ranked = retrieval.rank(embed([r["query"] for r in queries]), pool["vectors"], TOP_K)
-    predictions = {r["id"]: [ids[j] for j in top] for r, top in zip(queries, ranked)}
-    return (json.dumps(predictions, ensure_ascii=False),
-            json.dumps({r["id"]: r["answers"] for r in queries}, ensure_ascii=False))
+    ranked = retrieval.rank((embed_queries or embed)([r["query"] for r in queries]), pool["vectors"], TOP_K)
+    return {r["id"]: [ids[j] for j in top] for r, top in zip(queries, ranked)}, {r["id"]: r["answers"] for r in queries}
+
+
+def run_ranking(embed, rows: list[dict], pool: dict, embed_queries=None) -> tuple[str, str]:
+    """(predictions, labels) as JSON objects, query id -> ranked candidate ids / gold ids (see rank_queries)."""
+    predictions, gold = rank_queries(embed, rows, pool, embed_queries)
+    return json.dumps(predictions, ensure_ascii=False), json.dumps(gold, ensure_ascii=False)
 
 
 # ----- fine-tuned tasks -------------------------------------------------------------------------------------
@@ -114,6 +119,15 @@ def run_finetuned(task, folder: str, rows: list[dict], opts) -> tuple[str, str]:
         task = type(task)(**{**task.__dict__, "labels": tuple(names)})
     feats = featurize(task, rows, tokenizer, opts.max_len, opts.doc_stride)
     preds = predict(model, task, rows, feats, opts.batch_size, tokenizer.pad_token_id)
+    return finetuned_files(task, rows, preds, gold_names)
+
+
+def finetuned_files(task, rows: list[dict], preds, gold_names: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """(prediction text, label text) of a fine-tuned task in the leaderboard layout, from `engine.evaluate.predict`
+    output: label names per line (pair), tags per line with blank lines between sentences (tagging), {"label"}
+    lines (choice), id -> answer JSON and SQuAD-format gold (qa). Pair predictions index `task.labels`, the rows'
+    labels index `gold_names` (default: the same)."""
+    gold_names = gold_names or task.labels
     if task.format == "pair":
         return ("".join(f"{task.labels[p]}\n" for p in preds),
                 "".join(f"{gold_names[r['label']]}\n" for r in rows))
@@ -123,6 +137,8 @@ def run_finetuned(task, folder: str, rows: list[dict], opts) -> tuple[str, str]:
     if task.format == "choice":
         return ("".join(json.dumps({"label": p}) + "\n" for p in preds),
                 "".join(json.dumps({"label": r["label"]}) + "\n" for r in rows))
+    if task.format != "qa":
+        raise ValueError(f"{task.name}: format {task.format} has no fine-tuned leaderboard files")
     paragraphs = [{"context": r["context"], "qas": [{"id": r["id"], "question": r["question"], "answers": [
         {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}
         for r in rows]
@@ -212,13 +228,7 @@ def run(opts) -> Path:
                 _write(tmp / "predictions" / t / f"test-{lang}.{ext}", pred)
                 _write(tmp / "labels" / t / f"test-{lang}.{ext}", gold)
         detailed = {t: score_task(suite, t, tmp / "predictions", tmp / "labels", langs[t]) for t in tasks}
-        overall = {}
-        complete = {t for t in tasks if langs[t] == list(suite.task(t).languages)}
-        if complete == set(suite.tasks):
-            overall["all_task"] = sum(detailed[t]["avg_metric"] for t in suite.tasks) / len(suite.tasks)
-        for group, members in suite.groups.items():
-            if set(members) <= complete:
-                overall[group] = sum(detailed[t]["avg_metric"] for t in members) / len(members)
+        overall = suite_scores(suite, detailed, langs)
         write_json_atomically(tmp / "scores.json", {**overall, **detailed})
         view = analysis.suite_view(analysis.language_scores(detailed))
         write_json_atomically(tmp / "analysis.json", view)

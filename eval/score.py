@@ -1,6 +1,6 @@
 """Score a leaderboard submission as google-research/xtreme `evaluate.py` does: same folder layout, same JSON.
 
-    python -m eval.score PRED_DIR LABEL_DIR [--suite xtreme|xtreme-r] [--out FILE]
+    python -m eval.score PRED_DIR LABEL_DIR [--suite xtreme|xtreme-r|synthetic] [--partial] [--out FILE]
 
 Both folders hold `<task>/test-<lang>.<ext>` (tsv for classification, tagging and retrieval, json for QA and
 Mewsli-X / LAReQA, jsonl for XCOPA). A task is scored when both folders have its subfolder, so a partial
@@ -140,22 +140,42 @@ def score_task(suite: Suite, name: str, pred_dir: Path, label_dir: Path, languag
     return result
 
 
-def evaluate(pred_dir: str | Path, label_dir: str | Path, suite: str = "xtreme") -> tuple[dict, dict]:
-    """(group scores, per-task scores) exactly as evaluate.py's `evaluate` returns them."""
-    spec = get_suite(suite)
+def evaluate(pred_dir: str | Path, label_dir: str | Path, suite: str | Suite = "xtreme",
+             partial: bool = False) -> tuple[dict, dict]:
+    """(group scores, per-task scores) exactly as evaluate.py's `evaluate` returns them. With `partial`, a task
+    is scored on the languages that have a prediction file (a run on some languages only); group and suite
+    scores still need every language of their tasks."""
+    spec = get_suite(suite) if isinstance(suite, str) else suite
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     for folder in (pred_dir, label_dir):
         if not folder.is_dir():
             raise ScoreError(f"{folder}: not a folder")
-    detailed = {name: score_task(spec, name, pred_dir, label_dir) for name in spec.tasks
-                if (pred_dir / name).is_dir() and (label_dir / name).is_dir()}
+    detailed, scored = {}, {}
+    for name in spec.tasks:
+        if not ((pred_dir / name).is_dir() and (label_dir / name).is_dir()):
+            continue
+        languages = list(spec.task(name).languages)
+        if partial:
+            ext = spec.extension(name)
+            languages = [lang for lang in languages if (pred_dir / name / f"test-{lang}.{ext}").is_file()]
+            if not languages:
+                continue
+        detailed[name] = score_task(spec, name, pred_dir, label_dir, languages)
+        scored[name] = languages
+    return suite_scores(spec, detailed, scored), detailed
+
+
+def suite_scores(spec: Suite, detailed: dict, scored: dict[str, list[str]]) -> dict:
+    """`all_task` and the group scores (evaluate.py's `group_scores`) over the tasks scored on all their
+    languages; `scored` maps each task in `detailed` to the languages it was scored on."""
+    complete = {t for t in detailed if list(scored[t]) == list(spec.task(t).languages)}
     overall = {}
-    if set(detailed) == set(spec.tasks):
+    if complete == set(spec.tasks):
         overall["all_task"] = sum(detailed[t]["avg_metric"] for t in spec.tasks) / len(spec.tasks)
     for group, tasks in spec.groups.items():
-        if set(tasks) <= set(detailed):
+        if set(tasks) <= complete:
             overall[group] = sum(detailed[t]["avg_metric"] for t in tasks) / len(tasks)
-    return overall, detailed
+    return overall
 
 
 def write_json_atomically(path: Path, data) -> None:
@@ -177,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("label_dir", type=Path, help="gold labels in the same layout")
     parser.add_argument("--suite", default="xtreme", choices=sorted(SUITES), help="language lists and groups")
     parser.add_argument("--out", type=Path, help="write the official JSON here (default: print it)")
+    parser.add_argument("--partial", action="store_true",
+                        help="score each task on the languages that have a prediction file (runs on some languages)")
     args = parser.parse_args(argv)
     try:
-        overall, detailed = evaluate(args.pred_dir, args.label_dir, args.suite)
+        overall, detailed = evaluate(args.pred_dir, args.label_dir, args.suite, args.partial)
     except (ScoreError, OSError) as err:
         print(f"eval.score: {err}", file=sys.stderr)
         return 2

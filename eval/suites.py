@@ -14,8 +14,9 @@ scored as a `lareqa/test-<lang>.json` file in Mewsli-X's layout: query id -> ran
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .synthetic.world import DEFAULT_LANGUAGES as SYNTHETIC_LANGUAGES, TARGET_TASKS as SYNTHETIC_TARGETS, task_specs
 from .tasks import TaskSpec
 
 UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
@@ -88,16 +89,17 @@ _TASKS = [
 TARGET_TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}
 
 
-def _intermediate(name, fmt, display, labels=(), num_choices=0, description=""):
-    return TaskSpec(name, fmt, "accuracy" if fmt in ("pair", "choice") else ("squad" if fmt == "qa" else "span_f1"),
-                    ("en",), labels=labels, num_choices=num_choices, role="intermediate", display_name=display,
-                    description=description)
+def _intermediate(name, fmt, display, labels=(), num_choices=0, description="", metric=""):
+    metric = metric or ("accuracy" if fmt in ("pair", "choice") else ("squad" if fmt == "qa" else "span_f1"))
+    return TaskSpec(name, fmt, metric, ("en",), labels=labels, num_choices=num_choices, role="intermediate",
+                    display_name=display, description=description)
 
 
 # Label names in Hugging Face order; loaders map labels by name, so the order only fixes the head's ids.
 INTERMEDIATE_TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _intermediate("squad", "qa", "SQuAD v1.1"),
-    _intermediate("squad_v2", "qa", "SQuAD v2.0", description="unanswerable questions have no gold answer"),
+    _intermediate("squad_v2", "qa", "SQuAD v2.0", description="unanswerable questions have no gold answer",
+                  metric="squad_v2"),
     _intermediate("mnli", "pair", "MNLI", labels=("entailment", "neutral", "contradiction")),
     _intermediate("qqp", "pair", "QQP", labels=("not_duplicate", "duplicate")),
     _intermediate("anli", "pair", "ANLI", labels=("entailment", "neutral", "contradiction")),
@@ -106,7 +108,35 @@ INTERMEDIATE_TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _intermediate("commonsenseqa", "choice", "CommonsenseQA", num_choices=5),
     _intermediate("ccg", "tagging", "CCG supertagging", description="CCGbank is licensed: local files only; "
                   "the tag set is read from the training file"),
+    # Training stages of XTREME-R's XCOPA (Social IQa, then English COPA); usable as conditions too.
+    _intermediate("siqa", "choice", "Social IQa", num_choices=3),
+    _intermediate("copa", "choice", "COPA", num_choices=2, description="English COPA, XCOPA's training set"),
 ]}
+
+
+@dataclass(frozen=True)
+class EnglishTraining:
+    """How a benchmark trains a target task on English: the task whose English train split trains it, the
+    task whose English dev split chooses the checkpoint ("" = a held-out slice of the training rows, for
+    TyDiQA-GoldP, whose dev set is XTREME's test set), and tasks trained before it (each selected on its own
+    English dev)."""
+    train: str
+    dev: str
+    before: tuple[str, ...] = ()
+
+
+ENGLISH_TRAINING: dict[str, EnglishTraining] = {
+    "xnli": EnglishTraining("mnli", "xnli"),  # MNLI train; XNLI's English dev chooses (labels mapped by name)
+    "pawsx": EnglishTraining("pawsx", "pawsx"),
+    "udpos": EnglishTraining("udpos", "udpos"),  # every English treebank, concatenated
+    "panx": EnglishTraining("panx", "panx"),
+    "xquad": EnglishTraining("squad", "squad"),  # one SQuAD v1.1 model serves XQuAD and MLQA
+    "mlqa": EnglishTraining("squad", "squad"),
+    "tydiqa": EnglishTraining("tydiqa", ""),  # the English slice of TyDiQA-GoldP train
+    "xcopa": EnglishTraining("copa", "copa", before=("siqa",)),
+    "mewslix": EnglishTraining("mewslix", "mewslix"),  # wikipedia_pairs-{train,dev}: English mention/entity pairs
+    "lareqa": EnglishTraining("squad", "squad"),  # SQuAD v1.1 in retrieval form (question -> answer sentence)
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +144,7 @@ class Suite:
     name: str
     languages: dict[str, tuple[str, ...]]  # task -> languages, in the official order
     groups: dict[str, tuple[str, ...]]  # official group key -> tasks
+    specs: dict[str, TaskSpec] = field(default_factory=dict)  # the suite's own tasks (default: TARGET_TASKS)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -123,7 +154,7 @@ class Suite:
         """The task with this suite's language list (XTREME-R extends some of XTREME's)."""
         if name not in self.languages:
             raise ValueError(f"suite {self.name}: unknown task {name!r}; expected one of {', '.join(self.tasks)}")
-        spec = TARGET_TASKS[name]
+        spec = self.specs.get(name) or TARGET_TASKS[name]
         if spec.languages == self.languages[name]:
             return spec
         return TaskSpec(**{**spec.__dict__, "languages": self.languages[name]})
@@ -145,6 +176,19 @@ SUITES: dict[str, Suite] = {
         "classification": ("xnli", "xcopa"), "tagging": ("udpos", "panx"), "qa": ("xquad", "mlqa", "tydiqa"),
         "retrieval": ("tatoeba", "mewslix"), "multi_choice": ("xcopa",)}),
 }
+
+
+def synthetic_suite(languages: tuple[str, ...] = SYNTHETIC_LANGUAGES) -> Suite:
+    """The built-in synthetic suite (eval/synthetic) as a Suite, so its predictions are written and scored in the
+    leaderboard layout like XTREME's. Groups by the XTREME category each task imitates."""
+    specs = task_specs(tuple(languages))
+    groups = {"classification": ("syn-xnli",), "tagging": ("syn-pos", "syn-panx"), "qa": ("syn-xquad",),
+              "retrieval": ("syn-tatoeba",)}
+    return Suite("synthetic", {t: specs[t].languages for t in SYNTHETIC_TARGETS}, groups,
+                 {t: specs[t] for t in SYNTHETIC_TARGETS})
+
+
+SUITES["synthetic"] = synthetic_suite()
 
 
 def suite(name: str) -> Suite:
@@ -182,6 +226,8 @@ HUB: dict[str, HubSource] = {
     "hellaswag": HubSource("Rowan/hellaswag", "", ("train", "validation")),
     "cosmosqa": HubSource("allenai/cosmos_qa", "", ("train", "validation")),
     "commonsenseqa": HubSource("tau/commonsense_qa", "", ("train", "validation")),
+    "siqa": HubSource("allenai/social_i_qa", "", ("train", "validation")),
+    "copa": HubSource("super_glue", "copa", ("train", "validation")),
 }
 
 

@@ -133,7 +133,9 @@ if triton is not None:
             sum_x += tl.sum(tl.where(cols < V, x, 0.0), 0)
             m = m_new
         lse = m + tl.log(d)
-        loss = (1.0 - eps) * (lse - x_t) + eps * (lse - sum_x / V) + z * lse * lse
+        loss = (1.0 - eps) * (lse - x_t) + z * lse * lse
+        if eps > 0.0:  # only then: masked (-inf) logits make sum_x infinite, and 0 * inf is NaN
+            loss += eps * (lse - sum_x / V)
         tl.store(LOSS + row, loss)
         if HAS_GRAD:
             # d loss / d x_j = p_j (1 + 2 z lse) - eps / V - (1 - eps) [j == t]
@@ -172,7 +174,9 @@ def _ce_rows_torch(x, target, ignore_index, eps, z, scale, grad_out):
     m = xf.amax(dim=1, keepdim=True)
     lse = (m + (xf - m).exp_().sum(dim=1, keepdim=True).log_()).squeeze(1)
     x_t = xf.gather(1, safe[:, None]).squeeze(1)
-    loss = (1.0 - eps) * (lse - x_t) + eps * (lse - xf.mean(dim=1)) + z * lse.square()
+    loss = (1.0 - eps) * (lse - x_t) + z * lse.square()
+    if eps > 0.0:  # only then: masked (-inf) logits make the mean infinite, and 0 * inf is NaN
+        loss = loss + eps * (lse - xf.mean(dim=1))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if grad_out is None:
         return loss

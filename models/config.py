@@ -172,14 +172,17 @@ PRESETS: dict[str, EncoderConfig] = {
 }
 
 
+MATCHES = ("active", "total", "none")
+
+
 def moe_variant(dense: EncoderConfig, num_experts: int = 8, top_k: int = 2, match: str = "active",
                 every: int = 1) -> EncoderConfig:
     """The Mixture-of-Experts twin of a dense config, matched on `active` parameters (experts of width
-    intermediate_size / top_k: the same FLOPs per token) or on `total` parameters (width intermediate_size /
-    num_experts: the same FFN parameter count)."""
-    if match not in ("active", "total"):
-        raise ValueError(f"moe_variant: match {match!r}: expected active or total")
-    width = dense.intermediate_size // (top_k if match == "active" else num_experts)
+    intermediate_size / top_k: the same FLOPs per token), on `total` parameters (width intermediate_size /
+    num_experts: the same FFN parameter count), or on neither ("none": experts as wide as the dense FFN)."""
+    if match not in MATCHES:
+        raise ValueError(f"moe_variant: match {match!r}: expected one of {', '.join(MATCHES)}")
+    width = dense.intermediate_size // {"active": top_k, "total": num_experts, "none": 1}[match]
     return replace(dense, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_expert_size=width)
 
 

@@ -170,23 +170,43 @@ class Encoder(nn.Module):
                 "max_load": float((counts / even).max()),
                 "dropped": int(sum(int(m.last_stats["dropped"]) for m in moe))}
 
-    def upcycled(self, num_experts: int, top_k: int, every: int = 1, router: str = "topk_softmax") -> "Encoder":
-        """Sparse upcycling (Komatsuzaki et al. 2022): a copy whose sparse layers (every `every`-th) hold
-        `num_experts` copies of this encoder's dense FFN and a fresh router. With top-k-then-renormalise
-        routing the copy computes exactly this encoder's function until it is trained."""
+    def upcycled(self, num_experts: int, top_k: int, every: int = 1, router: str = "topk_softmax",
+                 match: str = "active") -> "Encoder":
+        """Sparse upcycling (Komatsuzaki et al. 2022): a copy whose sparse layers (every `every`-th) are
+        Mixture-of-Experts FFNs made from this encoder's dense FFN, with fresh routers, matched to the dense
+        encoder as asked:
+        - match "active": every expert a full copy of the dense FFN, top-1 routing, so a token uses the dense
+          FFN's parameters (plus the router) and the copy computes exactly this encoder's function until
+          trained. Top-k copies with k > 1 would use k times the dense FFN: refused, not silently unmatched.
+        - match "total": experts cut from the dense FFN's neurons (MoEFeedForward.cut_from_dense), so the model
+          holds the dense parameters once (plus routers) and a token uses top_k / num_experts of the FFN.
+        - match "none": full copies with any top_k (Komatsuzaki et al.'s recipe, top-2): the dense function at
+          step 0, but a token uses top_k times the dense FFN; matched on neither count, and recorded as such."""
         if self.cfg.num_experts:
             raise ValueError("upcycled: the encoder is already a Mixture-of-Experts")
+        if match not in ("active", "total", "none"):
+            raise ValueError(f"upcycled: match {match!r}: expected active, total or none")
+        if match == "active" and top_k != 1:
+            raise ValueError(f"upcycled: match 'active' needs top_k 1 (each expert is a full copy of the dense FFN, "
+                             f"so top-{top_k} would use {top_k}x its parameters per token); use top_k 1, or match "
+                             "'total' (experts cut from the dense FFN's neurons), or match 'none' (top-k copies, "
+                             "unmatched)")
+        if match == "total" and self.cfg.intermediate_size % num_experts:
+            raise ValueError(f"upcycled: match 'total' cuts the FFN's {self.cfg.intermediate_size} hidden units into "
+                             f"{num_experts} experts: they must divide evenly")
+        width = self.cfg.intermediate_size // num_experts if match == "total" else 0
         cfg = replace(self.cfg, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_router=router,
-                      moe_expert_size=0)
+                      moe_expert_size=width)
         other = Encoder(cfg)
         state = {k: v for k, v in self.state_dict().items()
                  if not any(k.startswith(f"layers.{i}.ffn.") for i in range(cfg.num_layers) if cfg.is_sparse(i))}
         missing, unexpected = other.load_state_dict(state, strict=False)
         assert not unexpected and all(".ffn." in k for k in missing), (missing, unexpected)
+        make = MoEFeedForward.cut_from_dense if match == "total" else MoEFeedForward.from_dense
         for i, layer in enumerate(other.layers):
             if cfg.is_sparse(i):
-                layer.ffn = MoEFeedForward.from_dense(self.layers[i].ffn, num_experts, top_k, router_mode=router,
-                                                      kernel_backend=cfg.kernel_backend)
+                layer.ffn = make(self.layers[i].ffn, num_experts, top_k, router_mode=router,
+                                 kernel_backend=cfg.kernel_backend)
         return other
 
     @staticmethod

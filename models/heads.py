@@ -141,11 +141,54 @@ class MaskedLMHead(nn.Module):
         return {"loss": loss, "num_masked": picked.numel()}
 
 
-HEAD_KINDS = ("pair", "tagging", "qa", "choice", "mlm")
+class DualEncoderHead(nn.Module):
+    """A dual encoder for retrieval, as the XTREME-R baselines train one for Mewsli-X and LAReQA (xtreme
+    third_party/bert.py, BertForRetrieval): queries and candidates go through the same encoder, each is pooled
+    into one L2-normalised vector, and each query is trained to pick its own candidate among the batch's
+    (in-batch negatives, one direction: softmax over logit_scale * cosine similarities, the scale trainable and
+    started at 100 as there). Pooling as eval.retrieval.embed pools: "pooler" (the encoder's dense + tanh on the
+    first token, the baseline's choice), "cls" (the first token) or "mean" (all tokens, special ones included).
+    The batch holds (query, candidate) pairs flattened as multiple-choice rows are, q0 c0 q1 c1 ...; `labels` name
+    each pair's candidate, so a batch that holds one candidate twice does not count the copy as a negative. The
+    exported model is the bare encoder: ranking by cosine does not depend on the scale."""
+
+    kind = "dual-encoder"
+    POOLINGS = ("pooler", "cls", "mean")
+
+    def __init__(self, cfg: EncoderConfig, encoder: Encoder, pooling: str = "pooler", scale: float = 100.0):
+        super().__init__()
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"dual encoder pooling {pooling!r}: expected one of {', '.join(self.POOLINGS)}")
+        self.backend, self.pooling = cfg.kernel_backend, pooling
+        self._pooler = [encoder.pooler]  # a plain list: the pooler stays owned by the encoder
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def pool(self, hidden, lengths):
+        if self.pooling == "pooler":
+            return self._pooler[0](hidden)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    def forward(self, hidden, batch):
+        pooled = F.normalize(self.pool(hidden, batch["lengths"].to(hidden.device)).float(), dim=-1)
+        queries, candidates = pooled.view(-1, 2, pooled.shape[-1]).unbind(1)
+        logits = self.logit_scale * queries @ candidates.t()
+        out = {"logits": logits}
+        if "labels" in batch:
+            same = batch["labels"][:, None] == batch["labels"][None, :]
+            diagonal = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+            logits = logits.masked_fill(same & ~diagonal, float("-inf"))
+            out["loss"] = _ce(logits, torch.arange(len(logits), device=logits.device), self.backend)
+        return out
+
+
+HEAD_KINDS = ("pair", "tagging", "qa", "choice", "mlm", "dual-encoder")
 
 
 def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int = 0) -> nn.Module:
-    """kind: pair | tagging | qa | choice | mlm (the task formats of eval.tasks, plus mlm). The head's
+    """kind: pair | tagging | qa | choice | mlm | dual-encoder (eval.tasks' heads, plus mlm). The head's
     architecture follows the encoder's family, so it maps 1:1 onto the Hugging Face head."""
     if kind == "pair":
         if cfg.family == "bert":
@@ -159,7 +202,9 @@ def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int =
         return PooledClassificationHead(cfg, encoder, 1, choices=True)
     if kind == "mlm":
         return MaskedLMHead(cfg, encoder.embeddings.word)
-    raise ValueError(f"unknown head kind {kind!r}: expected pair, tagging, qa, choice or mlm")
+    if kind == "dual-encoder":
+        return DualEncoderHead(cfg, encoder)
+    raise ValueError(f"unknown head kind {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
 
 
 class TaskModel(nn.Module):

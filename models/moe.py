@@ -26,6 +26,8 @@ def _check(name: str, ok: bool, expected: str, got) -> None:
 
 
 class MoEFeedForward(nn.Module):
+    BIASES = ("b_up", "b_down")  # the experts' biases, stacked per expert (no weight decay, as dense biases)
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  router_mode: str = "topk_softmax", shared_expert: bool = False,
                  capacity_factor: float | None = None, kernel_backend: str = "auto"):
@@ -78,6 +80,31 @@ class MoEFeedForward(nn.Module):
             moe.w_up.copy_(ffn.up.weight.expand(num_experts, Fd, H))
             moe.w_down.copy_(ffn.down.weight.expand(num_experts, H, Fd))
             moe.b_up.copy_(ffn.up.bias if ffn.up.bias is not None else moe.b_up.new_zeros(Fd))
+            moe.b_down.copy_(ffn.down.bias if ffn.down.bias is not None else moe.b_down.new_zeros(H))
+        return moe
+
+    @classmethod
+    def cut_from_dense(cls, ffn: nn.Module, num_experts: int, top_k: int, router_mode: str = "topk_softmax",
+                       capacity_factor: float | None = None, kernel_backend: str = "auto") -> "MoEFeedForward":
+        """Experts cut from the dense FFN's neurons (as MoEfication / LLaMA-MoE build them): expert e holds the
+        e-th of num_experts equal slices of the hidden units, so the experts together hold the dense FFN's
+        parameters once (matched on total parameters). Each expert's down projection is scaled by num_experts:
+        with uniform top-k weights (summing to 1) the output is num_experts / top_k times the sum of the chosen
+        slices, whose mean over the possible routings is the dense FFN's output. Unlike from_dense this is not
+        the dense function at step 0. Every expert keeps the dense output bias (the weights sum to 1)."""
+        if not (isinstance(getattr(ffn, "up", None), nn.Linear) and isinstance(getattr(ffn, "down", None), nn.Linear)):
+            raise ValueError("MoEFeedForward.cut_from_dense: ffn must have nn.Linear `up` and `down` (a FeedForward)")
+        H, Fd = ffn.up.in_features, ffn.up.out_features
+        if Fd % num_experts:
+            raise ValueError(f"MoEFeedForward.cut_from_dense: {Fd} hidden units do not split into {num_experts} "
+                             "experts")
+        width = Fd // num_experts
+        moe = cls(H, width, num_experts, top_k, router_mode=router_mode, capacity_factor=capacity_factor,
+                  kernel_backend=kernel_backend).to(device=ffn.up.weight.device, dtype=ffn.up.weight.dtype)
+        with torch.no_grad():
+            moe.w_up.copy_(ffn.up.weight.view(num_experts, width, H))
+            moe.b_up.copy_(ffn.up.bias.view(num_experts, width) if ffn.up.bias is not None else 0)
+            moe.w_down.copy_(num_experts * ffn.down.weight.view(H, num_experts, width).transpose(0, 1))
             moe.b_down.copy_(ffn.down.bias if ffn.down.bias is not None else moe.b_down.new_zeros(H))
         return moe
 

@@ -27,7 +27,7 @@ DEFAULT_LANGUAGES = tuple(SPECS)
 QA_ROLES = ("agent", "object", "count", "place", "time")
 
 
-def _task_specs(languages: tuple[str, ...]) -> dict[str, TaskSpec]:
+def task_specs(languages: tuple[str, ...]) -> dict[str, TaskSpec]:
     L = languages
     specs = [
         TaskSpec("syn-xnli", "pair", "accuracy", L, NLI_LABELS, category="classification",
@@ -54,7 +54,7 @@ TARGET_TASKS = ("syn-xnli", "syn-pos", "syn-panx", "syn-xquad", "syn-tatoeba")
 INTERMEDIATE_TASKS = ("syn-mnli", "syn-squad", "syn-swag")
 DEFAULT_SIZES = {  # (train, dev, test) rows; dev and test per language
     "syn-xnli": (4000, 300, 600), "syn-pos": (1500, 200, 400), "syn-panx": (1500, 200, 400),
-    "syn-xquad": (3000, 300, 500), "syn-tatoeba": (0, 0, 500), "syn-mnli": (4000, 300, 0),
+    "syn-xquad": (3000, 300, 500), "syn-tatoeba": (0, 500, 500), "syn-mnli": (4000, 300, 0),
     "syn-squad": (3000, 300, 0), "syn-swag": (3000, 300, 0),
 }
 
@@ -73,7 +73,7 @@ class SyntheticWorld:
         self.sentence_switch_rate = sentence_switch_rate
         self.languages = build_languages(tuple(languages), seed)
         self.codes = tuple(languages)
-        self.tasks = _task_specs(self.codes)
+        self.tasks = task_specs(self.codes)
         self._world_facts()
         self.sizes = dict(DEFAULT_SIZES)
         for name, size in (sizes or {}).items():

@@ -8,7 +8,7 @@ from bench import transfer_spread as bench
 
 TINY = ["--world.languages", "en,qsv,qcy", "--model.preset", "tiny", "--pretrain.steps", "20",
         "--pretrain.batch_size", "16", "--pretrain.documents_per_language", "150", "--pretrain.vocab_size", "500",
-        "--world.sizes", "{syn-xnli = [600, 40, 40], syn-tatoeba = [0, 0, 30]}", "--target.epochs", "2",
+        "--world.sizes", "{syn-xnli = [600, 40, 40], syn-tatoeba = [0, 30, 30]}", "--target.epochs", "2",
         "--target.lr", "3e-3", "--target.batch_size", "16",
         "--run.precision", "fp32"]
 
@@ -22,6 +22,7 @@ def test_rows_and_cached_pretraining(tmp_path, capsys):
     assert [r["pretrain_seed"] for r in rows] == [0, 1]
     for r in rows:
         assert r["bench"] == "transfer_spread" and r["task"] == "syn-xnli" and not r["pretrain_cached"]
+        assert r["split"] == "dev"  # held apart from the test sets the default reports
         assert {"commit", "torch", "cpu"} <= r.keys()
         assert [f["finetune_seed"] for f in r["finetunes"]] == [0, 2]
         for f in r["finetunes"]:

@@ -81,5 +81,45 @@ def test_window_settings_are_checked_per_task(tmp_path):
     from engine.protocol import plan
 
     cfg = C.load(None, [("run.out", str(tmp_path / "o")), ("target.overrides", "{syn-xquad = {doc_stride = 0}}")])
-    with pytest.raises(C.ConfigError, match=r"target.overrides.syn-xquad: .*doc_stride 0"):
+    with pytest.raises(C.ConfigError, match=r"target.overrides.syn-xquad.doc_stride: must be >= 1, got 0"):
         plan(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([("target.batch_size", "0")], "target.batch_size: must be >= 1, got 0"),
+    ([("intermediate.lr", "-1")], "intermediate.lr: must be > 0"),
+    ([("target.warmup_ratio", "1.5")], r"target.warmup_ratio: must be in \[0, 1\)"),
+    ([("target.overrides", "{syn-pos = {epochs = \"two\"}}")], "target.overrides.syn-pos.epochs: expected a number"),
+    ([("target.overrides", "{syn-pos = {max_len = 1.5}}")], "target.overrides.syn-pos.max_len: expected an integer"),
+    ([("target.overrides", "{nope = {epochs = 1}}")], "target.overrides: unknown task 'nope'"),
+    ([("eval.retrieval_layer", "5")], "eval.retrieval_layer: 5: expected -1 .* or 0..4"),
+    ([("protocol.suite", "xtreme")], "protocol.suite xtreme: needs a pretrained multilingual encoder, model.name"),
+    ([("protocol.suite", "glue")], "protocol.suite: 'glue': expected one of synthetic, xtreme, xtreme-r"),
+    ([("model.arch", "moe"), ("model.upcycle", "true")], "model.match: 'active' with an upcycled encoder needs"),
+    ([("model.match", "both")], "model.match: 'both': expected one of active, total, none"),
+    ([("data.max_train_rows", "-1")], "data.max_train_rows: must be >= 0"),
+])
+def test_values_are_checked_before_any_work(tmp_path, overrides, message):
+    """Every value is checked by plan(), which runs before anything is read, trained or written."""
+    from engine.protocol import plan
+
+    cfg = C.load(None, [("run.out", str(tmp_path / "o")), *overrides])
+    with pytest.raises(C.ConfigError, match=message):
+        plan(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipes_extend_each_other(tmp_path):
+    (tmp_path / "base.toml").write_text('[run]\nname = "base"\nseed = 3\n[target]\nlr = 0.001\n'
+                                        'overrides = {syn-pos = {epochs = 1.0, lr = 0.002}}\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[run]\nname = "child"\n'
+                                         '[target.overrides]\nsyn-pos = {epochs = 2.0}\n')
+    cfg = C.load(str(tmp_path / "child.toml"), [])
+    assert (cfg.run.name, cfg.run.seed, cfg.target.lr) == ("child", 3, 0.001)
+    assert cfg.target.overrides == {"syn-pos": {"epochs": 2.0, "lr": 0.002}}  # merged table by table
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(C.ConfigError, match="a cycle of recipes"):
+        C.load(str(tmp_path / "loop.toml"), [])
+    (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
+    with pytest.raises(C.ConfigError, match=r"orphan.toml: extends .*gone.toml: no such file"):
+        C.load(str(tmp_path / "orphan.toml"), [])

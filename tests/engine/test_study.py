@@ -58,20 +58,60 @@ def test_output_contract(study):
             expected = [lang for lang in LANGS if task != "syn-tatoeba" or lang != "en"]
             assert list(by_lang) == expected
             assert all(0.0 <= s <= 100.0 and math.isfinite(s) for s in by_lang.values())
-    assert C.load(str(out / "config.toml"), []) == tiny_config(out, root / "cache")  # resolved config saved
+    resolved = tiny_config(out, root / "cache")  # the config is saved resolved: the suite's targets named
+    resolved.protocol.targets = ["syn-xnli", "syn-pos", "syn-panx", "syn-xquad", "syn-tatoeba"]
+    assert C.load(str(out / "config.toml"), []) == resolved
     assert (out / "results.md").read_text().startswith("### baseline")
     for phase in ("syn-mnli/intermediate-syn-mnli", "baseline/syn-xnli", "syn-mnli/syn-xquad"):
         lines = (out / phase / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert any("loss" in r for r in records) and any("dev_score" in r for r in records)
         assert (out / phase / "checkpoint" / "model.safetensors").stat().st_size > 0
-    preds = json.loads((out / "baseline" / "syn-pos" / "predictions" / "test-qcy.json").read_text())
-    assert len(preds) == SIZES["syn-pos"][2]
+    tags = (out / "baseline" / "predictions" / "syn-pos" / "test-qcy.tsv").read_text().split("\n\n")
+    assert len([s for s in tags if s.strip()]) == SIZES["syn-pos"][2]  # the leaderboard layout: one sentence each
+    assert (out / "baseline" / "labels" / "syn-xquad" / "test-en.json").is_file()
     summary = results["summary"]["by_condition"]["baseline"]["syn-xnli"]
     assert summary["gap"] == pytest.approx(summary["en"] - summary["zero_shot_mean"])
     assert set(results["summary"]["delta_vs_baseline"]) == {"syn-mnli"}
     lineage = results["phases"]["syn-mnli/syn-pos"]["lineage"]
     assert lineage == ["pretrained", "syn-mnli"]
+
+
+def test_rescoring_the_written_files_gives_the_results(study, capsys):
+    """python -m eval.score on a condition's leaderboard folders gives the very numbers of results.json."""
+    from eval.score import main
+
+    root, results = study
+    for condition in ("baseline", "syn-mnli"):
+        folder = root / "run" / condition
+        assert main([str(folder / "predictions"), str(folder / "labels"), "--suite", "synthetic", "--partial",
+                     "--out", str(root / f"{condition}.json")]) == 0
+        official = json.loads((root / f"{condition}.json").read_text())
+        assert official == results["suite"]["scores"][condition]
+        for task, by_lang in results["scores"][condition].items():
+            key = next(k for k in ("f1", "accuracy") if k in official[task]) if task != "syn-xquad" else None
+            for lang, value in by_lang.items():
+                expected = ((official[task]["exact_match"][lang] + official[task]["f1"][lang]) / 2 if key is None
+                            else official[task][key][lang])
+                assert value == expected
+    assert "all_task" not in results["suite"]["scores"]["baseline"]  # three of the seven languages only
+
+
+def test_targets_are_paired_across_conditions(study):
+    """Every condition fine-tunes a target with the same seed: same head initialisation, same batch order."""
+    _, results = study
+    for task in ("syn-xnli", "syn-pos", "syn-xquad"):
+        base, other = results["phases"][f"baseline/{task}"], results["phases"][f"syn-mnli/{task}"]
+        assert base["seed"] == other["seed"]
+        assert base["head_init"] == other["head_init"] and base["data_order"] == other["data_order"]
+    seeds = {results["phases"][f"baseline/{t}"]["seed"] for t in ("syn-xnli", "syn-pos", "syn-xquad")}
+    assert len(seeds) == 3  # tasks differ from each other
+    from engine.protocol import target_seed
+    from engine.sources import Training
+
+    training = Training(("syn-xnli",), "syn-xnli")
+    assert target_seed(0, training, "syn-xnli") == results["phases"]["baseline/syn-xnli"]["seed"]
+    assert target_seed(1, training, "syn-xnli") != target_seed(0, training, "syn-xnli")  # run.seed varies it
 
 
 def test_scores_are_sane(study):
@@ -142,15 +182,23 @@ def test_moe_encoder_is_one_option(study, tmp_path, upcycle):
     root, first = study
     cfg = C.load(None, [*_overrides(tmp_path / "moe", root / "cache"), ("model.arch", "moe"),
                         ("model.experts", "4"), ("model.upcycle", str(upcycle).lower()),
+                        ("model.top_k", "1" if upcycle else "2"),  # upcycled top-1 copies: active-matched
                         ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli")])
     results = run_study(cfg)
     pre = results["phases"]["pretrain"]
-    assert pre["experts"] == 4 and pre["top_k"] == 2 and pre["active_parameters"] < pre["parameters"]
+    assert pre["experts"] == 4 and pre["top_k"] == (1 if upcycle else 2)
+    assert pre["active_parameters"] < pre["parameters"]
+    arms = results["model"]  # both arms' counts are recorded
+    assert arms["arch"] == "moe" and arms["match"] == "active" and arms["dense"]["experts"] == 0
+    router = 4 * 32 * 2  # hidden 32 x 4 experts, 2 sparse layers
+    assert abs(arms["model"]["active_parameters"] - arms["dense"]["parameters"] - router) <= 32 * 2 * 2
     assert pre["cached"] is upcycle  # upcycling reuses the dense pretraining
     records = [json.loads(line) for line in (tmp_path / "moe" / "baseline" / "syn-xnli" / "metrics.jsonl")
                .read_text().splitlines()]
     logged = [r for r in records if "balance_loss" in r]
     assert logged and all(r["max_expert_load"] >= 1.0 and len(r["tokens_per_expert"]) == 2 for r in logged)
+    if not upcycle:
+        assert arms["model"]["flops_per_token"] > arms["dense"]["flops_per_token"]  # + the router
     assert 0 <= results["scores"]["baseline"]["syn-xnli"]["qsv"] <= 100
     assert results["scores"]["baseline"]["syn-xnli"]["en"] > results["chance"]["syn-xnli"] + 10
 

@@ -39,3 +39,13 @@ def test_suite_view_of_the_mock_submission():
     table = analysis.markdown(view)
     assert "| xnli | 30.0 |" in table and "zh (10.0)" in table
     json.dumps(view)  # serialisable as written by eval.run
+
+
+def test_chance_corrected_ratio():
+    view = analysis.task_view({"en": 80.0, "de": 60.0, "fr": 40.0}, chance=100 / 3)
+    assert view["ratio"] == pytest.approx(50.0 / 80.0)
+    assert view["chance_corrected_ratio"] == pytest.approx((50.0 - 100 / 3) / (80.0 - 100 / 3))
+    at_chance = analysis.task_view({"en": 30.0, "de": 20.0}, chance=100 / 3)
+    assert "chance_corrected_ratio" not in at_chance and "ratio" in at_chance
+    suite = analysis.suite_view({"xnli": {"en": 80.0, "de": 60.0}}, chance={"xnli": 50.0})
+    assert suite["tasks"]["xnli"]["chance_corrected_ratio"] == pytest.approx(10.0 / 30.0)

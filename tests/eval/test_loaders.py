@@ -36,7 +36,7 @@ def test_suites_are_the_official_lists():
     assert xt.extension("mlqa") == "json" and xr.extension("xcopa") == "jsonl" and xt.extension("udpos") == "tsv"
     assert TARGET_TASKS["panx"].head == "tagging" and not TARGET_TASKS["bucc2018"].needs_training
     assert set(INTERMEDIATE_TASKS) == {"squad", "squad_v2", "mnli", "qqp", "anli", "hellaswag", "cosmosqa",
-                                       "commonsenseqa", "ccg"}
+                                       "commonsenseqa", "ccg", "siqa", "copa"}  # + XCOPA's training stages
     # every language of every suite has family and script metadata
     for s in (xt, xr):
         for t in s.tasks:
@@ -194,3 +194,45 @@ def test_real_tatoeba_udpos_cosmosqa_anli():
     assert len(cosmos) > 100 and all(len(r["endings"]) == 4 and 0 <= r["label"] < 4 for r in cosmos)
     anli = loaders.load_local("anli", SHARED, "en", "dev")
     assert len(anli) > 100 and {r["label"] for r in anli} == {0, 1, 2}
+
+
+def test_siqa_copa_and_tydiqa_test_layouts(tmp_path):
+    """Social IQa's labels file beside it; SuperGLUE COPA's val split; XTREME's TyDiQA test set is GoldP dev,
+    one language's slice; a QA test file whose answers were blanked (xtreme's download) is an error."""
+    (tmp_path / "socialiqa-train-dev").mkdir()
+    rec = {"context": "Ana cooked.", "question": "Why?", "answerA": "hungry", "answerB": "bored", "answerC": "cold"}
+    (tmp_path / "socialiqa-train-dev" / "dev.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "socialiqa-train-dev" / "dev-labels.lst").write_text("1\n")
+    assert loaders.load_local("siqa", tmp_path, "en", "dev") == [
+        {"context": "Ana cooked. Why?", "endings": ["hungry", "bored", "cold"], "label": 0}]
+    (tmp_path / "socialiqa-train-dev" / "dev-labels.lst").write_text("1\n2\n")
+    with pytest.raises(loaders.FormatError, match="2 labels but .*dev.jsonl has 1 records"):
+        loaders.load_local("siqa", tmp_path, "en", "dev")
+    (tmp_path / "COPA").mkdir()
+    copa = {"premise": "It rained.", "choice1": "I got wet.", "choice2": "I slept.", "question": "effect", "label": 0}
+    (tmp_path / "COPA" / "val.jsonl").write_text(json.dumps(copa) + "\n")
+    assert loaders.load_local("copa", tmp_path, "en", "dev")[0]["endings"] == ["I got wet.", "I slept."]
+    qas = [{"id": f"{name}-{i}", "question": "q", "answers": [{"text": "Ana", "answer_start": 0}]}
+           for i, name in enumerate(("english", "arabic", "arabic"))]
+    dev = {"data": [{"paragraphs": [{"context": "Ana", "qas": qas}]}]}
+    (tmp_path / "tydiqa-goldp-v1.1-dev.json").write_text(json.dumps(dev))
+    assert [r["id"] for r in loaders.load_local("tydiqa", tmp_path, "ar", "test")] == ["arabic-1", "arabic-2"]
+    for qa in qas:
+        qa["answers"] = [{"text": "", "answer_start": 0}]
+    (tmp_path / "tydiqa-goldp-v1.1-dev.json").write_text(json.dumps(dev))
+    with pytest.raises(loaders.FormatError, match="every gold answer is empty: xtreme's download_data.sh blanks"):
+        loaders.load_local("tydiqa", tmp_path, "ar", "test")
+
+
+def test_squad_in_retrieval_form():
+    context = "Ana lives in Paris. She works at Acme! Does she sing? Yes."
+    rows = [{"id": "q1", "context": context, "question": "Where does Ana work?",
+             "answers": {"text": ["Acme"], "answer_start": [context.index("Acme")]}},
+            {"id": "q2", "context": context, "question": "Unanswerable?", "answers": {"text": [], "answer_start": []}}]
+    out = loaders.squad_as_retrieval(rows)
+    queries = [r for r in out if "query" in r]
+    pool = {r["id"]: r["candidate"] for r in out if "candidate" in r}
+    assert queries == [{"id": "q1", "query": "Where does Ana work?", "answers": ["0_1"]}]
+    assert pool["0_1"] == f"She works at Acme! {context}" and len(pool) == 4
+    assert [context[a:b] for a, b in loaders.sentence_spans(context)] == [
+        "Ana lives in Paris.", "She works at Acme!", "Does she sing?", "Yes."]

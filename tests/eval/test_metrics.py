@@ -303,9 +303,21 @@ def test_score_dispatch():
 
 
 def test_score_rejects_unknown_metric_and_missing_mlqa_language():
-    with pytest.raises(ValueError, match="unknown metric 'bleu'; known: accuracy, span_f1, squad, mlqa"):
+    with pytest.raises(ValueError, match="unknown metric 'bleu'; known: accuracy, span_f1, squad, squad_v2, mlqa"):
         score("bleu", [], [])
     with pytest.raises(ValueError, match="mlqa needs the answer language"):
         score("mlqa", {"q": "x"}, {"q": ["x"]})
-    assert set(metrics.METRIC_NAMES) == {"accuracy", "span_f1", "squad", "mlqa", "retrieval_accuracy", "bucc_f1",
-                                         "map@20"}
+    assert set(metrics.METRIC_NAMES) == {"accuracy", "span_f1", "squad", "squad_v2", "mlqa", "retrieval_accuracy",
+                                         "bucc_f1", "map@20"}
+
+
+def test_squad_v2_scores_unanswerable_questions_as_evaluate_v2():
+    from eval.metrics import squad_v2_scores
+
+    golds = {"a": ["the Eiffel Tower"], "b": [], "c": [""], "d": ["Paris"]}
+    preds = {"a": "Eiffel Tower", "b": "", "c": "Lyon", "d": ""}
+    out = squad_v2_scores(preds, golds)
+    # a: exact (articles dropped); b: "" against no answer, exact; c: wrong; d: "" against an answer, 0
+    assert out["exact_match"] == 50.0 and out["f1"] == 50.0
+    assert squad_v2_scores({"d": "in Paris"}, {"d": ["Paris"]})["f1"] == pytest.approx(100 * 2 / 3)
+    assert squad_v2_scores({}, {"b": []})["exact_match"] == 0.0  # a missing prediction counts 0

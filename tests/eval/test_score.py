@@ -111,3 +111,26 @@ def test_map_at_k_is_reciprocal_rank_with_one_gold_and_ap_with_several():
     with pytest.raises(ValueError, match="non-empty list"):
         metrics.map_at_k({}, {"q": []})
     assert metrics.score("map@20", pred, gold)["score"] == metrics.map_at_k(pred, gold)
+
+
+def test_partial_languages_score_what_is_there_and_no_group(tmp_path, capsys):
+    pred, gold = _partial(tmp_path, ["xnli", "pawsx"])
+    for lang in ("de", "fr", "ja"):  # drop three of PAWS-X's languages
+        (pred / "pawsx" / f"test-{lang}.tsv").unlink()
+    with pytest.raises(Exception, match="test-de.tsv is missing"):
+        evaluate(pred, gold, "xtreme")
+    overall, detailed = evaluate(pred, gold, "xtreme", partial=True)
+    assert list(detailed["pawsx"]["accuracy"]) == ["en", "es", "ko", "zh"]
+    full_overall, full = evaluate(MOCK / "predictions", MOCK / "labels", "xtreme")
+    assert detailed["xnli"] == full["xnli"]  # complete tasks score as without --partial
+    assert "classification" not in overall  # PAWS-X is incomplete
+    assert main([str(pred), str(gold), "--partial", "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["pawsx"] == detailed["pawsx"]
+
+
+def test_the_synthetic_suite_is_scored_like_the_others():
+    from eval.suites import SUITES
+
+    suite = SUITES["synthetic"]
+    assert suite.task("syn-xquad").format == "qa" and suite.extension("syn-xquad") == "json"
+    assert suite.extension("syn-pos") == "tsv" and "en" not in suite.task("syn-tatoeba").languages

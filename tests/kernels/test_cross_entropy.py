@@ -59,6 +59,28 @@ def test_cross_entropy_matches_torch(backend, reduction, opts):
     torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=2e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_logits_at_minus_infinity(backend):
+    """Logits masked with -inf (in-batch negatives that are copies of the positive) give the loss and the
+    gradient of the unmasked columns alone, not NaN (the label-smoothing term is skipped when it is off)."""
+    g = _gen()
+    N, V = 9, 70
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, V, (N,), generator=g)
+    masked = torch.rand(N, V, generator=g) < 0.3
+    masked[torch.arange(N), target] = False
+    logits = logits.masked_fill(masked, float("-inf"))
+    x = logits.float().requires_grad_()
+    loss = kernels.cross_entropy(x, target, backend=backend)
+    ref_x = logits.clone().requires_grad_()
+    ref = F.cross_entropy(ref_x, target)
+    torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5)
+    loss.backward()
+    ref.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[masked] == 0).all()
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=2e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cross_entropy_low_precision_inputs(dtype):
     g = _gen()

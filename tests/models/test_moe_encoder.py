@@ -39,14 +39,17 @@ def test_parameter_counts_are_exact(every, shared, match):
         assert abs(per_layer_active - dense_ffn) <= cfg.hidden_size  # only the extra output bias differs
 
 
-@pytest.mark.parametrize("experts,top_k,every", [(1, 1, 1), (8, 2, 1), (4, 1, 2)])
-def test_upcycled_encoder_equals_its_dense_source(experts, top_k, every):
+@pytest.mark.parametrize("experts,top_k,every,match", [(1, 1, 1, "active"), (8, 2, 1, "none"), (4, 1, 2, "active")])
+def test_upcycled_encoder_equals_its_dense_source(experts, top_k, every, match):
     g = _gen()
     dense = Encoder(_dense_cfg()).eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    sparse = dense.upcycled(experts, top_k, every).eval()
+    sparse = dense.upcycled(experts, top_k, every, match=match).eval()
+    if match == "active":  # top-1 copies: a token uses the dense FFN's parameters, plus the router
+        router = sparse.cfg.hidden_size * experts * sparse.cfg.num_sparse_layers
+        assert sparse.cfg.active_parameters() == dense.cfg.num_parameters() + router
     assert sparse.cfg.num_sparse_layers == len(sparse.moe_layers()) > 0
     ids, lengths = _batch(dense.cfg, g)
     with torch.no_grad():
@@ -91,3 +94,23 @@ def test_moe_encoders_refuse_hf_export_with_a_clear_error(tmp_path):
 def test_upcycling_an_moe_encoder_is_refused():
     with pytest.raises(ValueError, match="already a Mixture-of-Experts"):
         Encoder(moe_variant(_dense_cfg(), num_experts=2, top_k=1)).upcycled(2, 1)
+
+
+def test_upcycling_matched_as_asked_or_refused():
+    g = _gen()
+    dense = Encoder(_dense_cfg()).eval()
+    with pytest.raises(ValueError, match="match 'active' needs top_k 1"):
+        dense.upcycled(4, 2)
+    total = dense.upcycled(4, 2, match="total").eval()
+    cfg = total.cfg
+    # the experts hold the dense FFN once: only the routers and the extra output biases are added
+    extra = cfg.num_sparse_layers * (cfg.hidden_size * 4 + 3 * cfg.hidden_size)
+    assert cfg.num_parameters() == dense.cfg.num_parameters() + extra
+    assert cfg.expert_size == dense.cfg.intermediate_size // 4 and cfg.active_parameters() < dense.cfg.num_parameters()
+    ffn, moe = dense.layers[0].ffn, total.layers[0].ffn
+    x = torch.randn(5, cfg.hidden_size, generator=g)
+    # all experts chosen with weight 1/E each reproduces the dense FFN exactly (the cut is a partition)
+    parts = [torch.nn.functional.gelu(x @ moe.w_up[e].t() + moe.b_up[e]) @ moe.w_down[e].t() for e in range(4)]
+    torch.testing.assert_close(sum(parts) / 4 + moe.b_down[0], ffn(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="divide evenly"):
+        dense.upcycled(5, 1, match="total")
