@@ -31,10 +31,11 @@ def load_encoder(folder: Path) -> Encoder:
     return encoder
 
 
-def save_task_model(model: TaskModel, folder: Path, meta: dict, tokenizer=None) -> None:
-    """A fine-tuned model as a Hugging Face folder (transformers' Auto* class for its head loads it, and so
-    does models.hf.load_task_model) with the tokenizer and `meta` (task.json) beside it. Architectures
-    without a Hugging Face class are saved in XLT's own layout (config.json + model.safetensors)."""
+def save_task_model(model: TaskModel | Encoder, folder: Path, meta: dict, tokenizer=None) -> None:
+    """A fine-tuned model (or a bare encoder, e.g. after multi-task training) as a Hugging Face folder
+    (transformers' Auto* class for its head loads it, and so does models.hf.load_task_model) with the tokenizer
+    and `meta` (task.json) beside it. Architectures without a Hugging Face class are saved in XLT's own layout
+    (config.json + model.safetensors)."""
     extra_files = {"task.json": json.dumps(meta, indent=1)}
 
     def add_tokenizer(tmp: Path) -> None:
@@ -42,9 +43,10 @@ def save_task_model(model: TaskModel, folder: Path, meta: dict, tokenizer=None) 
             tokenizer.save_pretrained(tmp)
 
     # A dual encoder's head holds only its training scale: the model is its encoder (transformers' AutoModel).
-    exported = model.encoder if model.head.kind == "dual-encoder" else model
+    exported = model.encoder if isinstance(model, TaskModel) and model.head.kind == "dual-encoder" else model
+    encoder = model.encoder if isinstance(model, TaskModel) else model
     try:
         hf.export(exported, folder, tokenizer=tokenizer, labels=meta.get("labels") or None, extra_files=extra_files)
-    except hf.ModelLoadError:  # e.g. pre-layer-norm with an embedding norm: no HF class to load it
-        write_folder(folder, {"config.json": json.dumps(model.encoder.cfg.to_dict(), indent=1),
-                              "model.safetensors": model.state_dict(), **extra_files}, extra=add_tokenizer)
+    except hf.ModelLoadError:  # e.g. pre-layer-norm with an embedding norm, or MoE: no HF class to load it
+        write_folder(folder, {"config.json": json.dumps(encoder.cfg.to_dict(), indent=1),
+                              "model.safetensors": exported.state_dict(), **extra_files}, extra=add_tokenizer)

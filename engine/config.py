@@ -105,6 +105,22 @@ class ProtocolConfig:
 
 
 @dataclass
+class MultitaskConfig:
+    """Multi-task intermediate conditions (`multi:a+b+c`, or a name in `mixes`) and continued multilingual MLM
+    during intermediate training (`mlm` as one of the mix's tasks, e.g. `multi:syn-mnli+mlm`)."""
+    sampling: str = "proportional"  # proportional (to training examples, capped) | temperature
+    cap: int = 0  # proportional: examples counted per task at most (0 = no cap; T5 uses 2**21)
+    temperature: float = 2.0  # temperature sampling: p(task) proportional to examples ** (1 / temperature)
+    mlm_ratio: float = 0.5  # with mlm in the mix: the share of steps that are MLM batches
+    mlm_dir: str = ""  # real suites: <mlm_dir>/<lang>.txt, one sentence or document per line
+    mlm_languages: list[str] = field(default_factory=list)  # [] = the run's evaluation languages
+    mlm_lines: int = 2000  # lines (synthetic: documents) per language
+    mlm_seq_len: int = 128
+    mlm_mask_prob: float = 0.15
+    mixes: dict = field(default_factory=dict)  # name -> [tasks]: a named multi-task condition
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 128
     retrieval_layer: int = -1  # hidden layer for retrieval embeddings; -1 = the middle layer
@@ -124,6 +140,7 @@ class Config:
     target: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
         overrides={"syn-xquad": {"lr": 1e-3}, "syn-pos": {"epochs": 2.0}}))
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def out_dir(self) -> Path:

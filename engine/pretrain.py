@@ -76,14 +76,23 @@ class MLMConfig:
 
 def pack_corpus(world: SyntheticWorld, tokenizer, cfg: MLMConfig) -> list[list[int]]:
     """Monolingual sequences of seq_len tokens: [CLS] tokens... [SEP], documents separated by [SEP]."""
-    body = cfg.seq_len - 2
+    return pack_texts({lang: world.corpus(lang, cfg.documents_per_language) for lang in world.codes}, tokenizer,
+                      cfg.seq_len)
+
+
+def pack_texts(texts: dict[str, list[str]], tokenizer, seq_len: int) -> list[list[int]]:
+    """Monolingual sequences of seq_len tokens from each language's documents: the tokenizer's start token,
+    tokens, its separator; documents joined by the separator (BERT's [CLS] / [SEP], XLM-R's <s> / </s>)."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    body = seq_len - 2
     sequences = []
-    for lang in world.codes:
+    for docs in texts.values():
         stream: list[int] = []
-        for ids in tokenizer(world.corpus(lang, cfg.documents_per_language), add_special_tokens=False)["input_ids"]:
-            stream += ids + [tokenizer.sep_token_id]
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []:
+            stream += ids + [sep]
         for i in range(0, len(stream) - body + 1, body):
-            sequences.append([tokenizer.cls_token_id] + stream[i:i + body] + [tokenizer.sep_token_id])
+            sequences.append([start] + stream[i:i + body] + [sep])
     return sequences
 
 

@@ -33,13 +33,14 @@ from eval.synthetic import DEFAULT_LANGUAGES, SyntheticWorld
 from eval.synthetic.world import task_specs
 from eval.tasks import TaskSpec
 from models import Encoder, EncoderConfig, TaskModel, hf, make_head, preset
-from models.config import MATCHES, moe_variant
+from models.config import HUB_PRESETS, MATCHES, moe_variant, upcycled_config
 
 from . import data
 from .checkpoint import atomic_write_text, save_task_model
 from .config import Config, ConfigError, FinetuneConfig, to_toml
 from .evaluate import dual_encoder_embedders, embedder, evaluate_ranking, evaluate_task, predict
 from .featcache import FeatureCache
+from .multitask import MLM, SAMPLINGS, read_mlm_texts, train_multitask
 from .pretrain import default_cache_dir, pretrain
 from .progress import PhaseLogger, say
 from .report import summarize, table
@@ -69,6 +70,7 @@ class TargetGroup:
 class Plan:
     source: Source
     conditions: list[str]
+    intermediate: dict[str, list[str]]  # condition -> its intermediate tasks ("mlm": continued masked LM)
     targets: list[TaskSpec]
     languages: dict[str, list[str]]  # target -> its evaluation languages
     groups: list[TargetGroup]  # the fine-tuned targets, in target order
@@ -81,7 +83,7 @@ class Plan:
 
     def training_rows(self) -> list[tuple[str, str]]:
         """(task, split) of every English train / dev split the run trains or selects on."""
-        tasks = [c for c in self.conditions if c != BASELINE]
+        tasks = [t for c in self.conditions for t in self.intermediate[c] if t != MLM]
         tasks += [stage for g in self.groups for stage in g.training.stages]
         return [(t, split) for t in dict.fromkeys(tasks) for split in ("train", "dev")]
 
@@ -118,12 +120,10 @@ def plan(cfg: Config) -> Plan:
             raise ConfigError(f"data.{key}: must be >= 0 (0 = all rows), got {getattr(cfg.data, key)}")
 
     conditions = list(cfg.protocol.conditions or source.default_conditions)
-    for c in conditions:
-        if c != BASELINE and c not in source.intermediates:
-            raise ConfigError(f"protocol.conditions: unknown condition {c!r}; expected {BASELINE!r} or an "
-                              f"intermediate task: {', '.join(source.intermediates)}")
     if len(set(conditions)) != len(conditions):
         raise ConfigError("protocol.conditions: give each condition once")
+    intermediate = {c: condition_tasks(c, cfg, source) for c in conditions}
+    _check_multitask(cfg, source, intermediate)
     names = list(cfg.protocol.targets or source.targets)
     for t in names:
         if t not in source.targets:
@@ -140,7 +140,7 @@ def plan(cfg: Config) -> Plan:
             training = source.training(t.name)
             groups.setdefault(training.key, TargetGroup(training, [])).targets.append(t)
     retrieval = [t for t in targets if not t.needs_training]
-    p = Plan(source, conditions, targets, languages, list(groups.values()), retrieval, num_layers)
+    p = Plan(source, conditions, intermediate, targets, languages, list(groups.values()), retrieval, num_layers)
     _check_finetuning(cfg, p)
     layer = cfg.eval.retrieval_layer
     if not (layer == -1 or 0 <= layer <= num_layers):
@@ -212,7 +212,7 @@ def _languages(cfg: Config, source: Source, targets: list[TaskSpec]) -> dict[str
 def _check_finetuning(cfg: Config, p: Plan) -> None:
     """Fine-tuning options and their per-task overrides, for every phase the run will train."""
     known = {f.name for f in fields(FinetuneConfig)} - {"overrides"}
-    phases = {"intermediate": [c for c in p.conditions if c != BASELINE],
+    phases = {"intermediate": [t for c in p.conditions for t in p.intermediate[c] if t != MLM],
               "target": [t.name for g in p.groups for t in g.targets]}
     # overrides may name the tasks of any suite (the defaults tune the synthetic ones); other suites' are inert
     tasks = set(p.source.targets) | set(p.source.intermediates) | KNOWN_TASKS
@@ -240,6 +240,57 @@ def _check_finetuning(cfg: Config, p: Plan) -> None:
                                   "same settings")
 
 
+def condition_tasks(name: str, cfg: Config, source: Source) -> list[str]:
+    """The intermediate tasks of a condition: none (baseline), one (an intermediate task's name), or a
+    multi-task mix: `multi:a+b+c` or a name in multitask.mixes; `mlm` in a mix is continued masked LM."""
+    if name == BASELINE:
+        return []
+    if name in source.intermediates:
+        return [name]
+    if name.startswith("multi:"):
+        tasks, where = name[len("multi:"):].split("+"), f"protocol.conditions: {name!r}"
+    elif name in cfg.multitask.mixes:
+        tasks, where = cfg.multitask.mixes[name], f"multitask.mixes.{name}"
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"{where}: expected a list of task names, got {tasks!r}")
+    else:
+        raise ConfigError(f"protocol.conditions: unknown condition {name!r}; expected {BASELINE!r}, an intermediate "
+                          f"task ({', '.join(source.intermediates)}), multi:task+task(+{MLM}) or a name in "
+                          "multitask.mixes")
+    for t in tasks:
+        if t != MLM and t not in source.intermediates:
+            raise ConfigError(f"{where}: unknown task {t!r}; expected intermediate tasks "
+                              f"({', '.join(source.intermediates)}) or {MLM!r}")
+    if len(set(tasks)) != len(tasks) or not [t for t in tasks if t != MLM]:
+        raise ConfigError(f"{where}: expected at least one intermediate task (besides {MLM!r}), each once")
+    return list(tasks)
+
+
+def _check_multitask(cfg: Config, source: Source, intermediate: dict[str, list[str]]) -> None:
+    mt = cfg.multitask
+    for name in mt.mixes:
+        if name == BASELINE or name in source.intermediates or name.startswith("multi:"):
+            raise ConfigError(f"multitask.mixes: {name!r} is already a condition's name; choose another")
+    checks = [("sampling", mt.sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}"), ("cap", mt.cap >= 0, ">= 0"),
+              ("temperature", mt.temperature > 0, "> 0"), ("mlm_ratio", 0 < mt.mlm_ratio < 1, "in (0, 1)"),
+              ("mlm_lines", mt.mlm_lines >= 1, ">= 1"), ("mlm_seq_len", mt.mlm_seq_len >= 8, ">= 8"),
+              ("mlm_mask_prob", 0 < mt.mlm_mask_prob < 1, "in (0, 1)")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"multitask.{key}: must be {expected}, got {getattr(mt, key)!r}")
+    if any(MLM in tasks for tasks in intermediate.values()):
+        if source.world is None and not mt.mlm_dir:
+            raise ConfigError(f"multitask.mlm_dir: a condition trains {MLM!r}, which needs multilingual text: "
+                              "<mlm_dir>/<lang>.txt, one sentence or document per line")
+        if mt.mlm_dir and not Path(mt.mlm_dir).is_dir():
+            raise ConfigError(f"multitask.mlm_dir: {mt.mlm_dir} is not a folder")
+
+
+def condition_folder(condition: str) -> str:
+    """A condition's folder name (multi:a+b -> multi-a+b: no colon in paths)."""
+    return condition.replace(":", "-")
+
+
 def _check_ranges(ft: FinetuneConfig, where: str) -> None:
     checks = [("epochs", ft.epochs > 0, "> 0"), ("batch_size", ft.batch_size >= 1, ">= 1"), ("lr", ft.lr > 0, "> 0"),
               ("warmup_ratio", 0 <= ft.warmup_ratio < 1, "in [0, 1)"),
@@ -262,6 +313,27 @@ def encoder_config(m) -> EncoderConfig:
     if m.arch == "dense" or m.upcycle or m.name:
         return dense
     return moe_variant(replace(dense, moe_router=m.router), m.experts, m.top_k, m.match, m.moe_every)
+
+
+def planned_architecture(cfg: Config) -> tuple[EncoderConfig, EncoderConfig]:
+    """(the run's encoder, its dense twin) as configured, without loading or training anything: a Hugging Face
+    model's config.json, or the preset with the configured vocabulary size (the trained tokenizer's can be a
+    little smaller); an MoE upcycled as model.match asks."""
+    m = cfg.model
+    if m.name:
+        try:
+            dense = hf.config_from_hf(json.loads((hf.resolve(m.name, weights=False) / "config.json").read_text()))
+        except (hf.ModelLoadError, OSError):
+            if m.name not in HUB_PRESETS:
+                raise
+            dense = preset(HUB_PRESETS[m.name])  # the checkpoint's shape, known without the hub
+    else:
+        dense = replace(encoder_config(replace(m, arch="dense")), vocab_size=cfg.pretrain.vocab_size)
+    if m.arch != "moe":
+        return dense, dense
+    if m.upcycle or m.name:
+        return upcycled_config(dense, m.experts, m.top_k, m.moe_every, m.router, m.match), dense
+    return replace(encoder_config(m), vocab_size=dense.vocab_size), dense
 
 
 def make_sparse(encoder: Encoder, m, seed: int) -> Encoder:
@@ -405,7 +477,7 @@ def finetune(model: TaskModel, task: TaskSpec, task_data: TaskData, ft: Finetune
         meta |= {"pooling": model.head.pooling, "layer": model.encoder.cfg.num_layers}
     save_task_model(model, out / "checkpoint", meta, tokenizer)
     return {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,
-            "seconds": round(result.seconds, 2), "train_rows": len(train_feats), "seed": seed,
+            "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_rows": len(train_feats), "seed": seed,
             "head_init": head_init, "data_order": order.hexdigest()[:16]}
 
 
@@ -425,6 +497,31 @@ def train_target(encoder: Encoder, group: TargetGroup, cfg: Config, task_data: T
         info[stage] = finetune(model, task, task_data, ft if stage == first.name else cfg.target.for_task(stage),
                                seed, out / phase, cfg.run.console, cfg.eval.batch_size, bf16)
     return model, info
+
+
+def intermediate_phase(handoff: Handoff, condition: str, p: Plan, cfg: Config, task_data: TaskData,
+                       mlm_texts: dict | None, root: Path, bf16: bool) -> tuple[Handoff, str, dict]:
+    """Train the condition's intermediate task, or its multi-task mix (with continued MLM when `mlm` is in it),
+    on the handed-over encoder; the heads are dropped and the encoder handed on."""
+    tasks = p.intermediate[condition]
+    seed = phase_seed(cfg.run.seed, "intermediate", condition)
+    if tasks == [condition]:  # one intermediate task
+        task = p.source.task(condition)
+        model = new_task_model(handoff.encoder, task, seed)
+        phase = f"intermediate-{task.name}"
+        info = finetune(model, task, task_data, cfg.intermediate.for_task(task.name), seed, root / phase,
+                        cfg.run.console, cfg.eval.batch_size, bf16)
+    else:
+        phase = "intermediate-multitask"
+        specs = [p.source.task(t) for t in tasks if t != MLM]
+        model, info = train_multitask(handoff.encoder, specs, task_data, cfg.intermediate.for_task, cfg.multitask,
+                                      mlm_texts if MLM in tasks else None, cfg.model.name, seed, root / phase,
+                                      cfg.run.console, cfg.eval.batch_size, bf16)
+        save_task_model(model.encoder, root / phase / "checkpoint",
+                        {"tasks": tasks, "mixture": info["mixture"], "best_step": info["best_step"],
+                         "dev_score_en": info["dev_en"], "dev_score_en_by_task": info["dev_en_by_task"]},
+                        task_data.tokenizer)
+    return Handoff(model.encoder, handoff.lineage + tuple(tasks)), phase, info
 
 
 def write_leaderboard(root: Path, task: TaskSpec, lang: str, ext: str, pred: str, gold: str) -> None:
@@ -513,6 +610,14 @@ def run_study(cfg: Config, overwrite: bool = False) -> dict:
         task_data.rows(task, split, "en")
     for task, split, lang in p.test_rows():
         task_data.rows(task, split, lang)
+    mlm_texts = None
+    if any(MLM in tasks for tasks in p.intermediate.values()):
+        languages = cfg.multitask.mlm_languages or (list(p.world.codes) if p.world else list(dict.fromkeys(
+            lang for t in p.targets for lang in p.languages[t.name])))
+        try:
+            mlm_texts = read_mlm_texts(cfg.multitask, languages, p.world)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
 
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -543,15 +648,10 @@ def run_study(cfg: Config, overwrite: bool = False) -> dict:
     for condition in p.conditions:
         say(f"== condition {condition} ==")
         handoff = Handoff(copy.deepcopy(pretrained), ("pretrained",))
-        root = out / condition
-        if condition != BASELINE:  # Phase 2: English intermediate task
-            task = p.source.task(condition)
-            model = new_task_model(handoff.encoder, task, phase_seed(cfg.run.seed, "intermediate", task.name))
-            info = finetune(model, task, task_data, cfg.intermediate.for_task(task.name),
-                            phase_seed(cfg.run.seed, "intermediate", task.name), root / f"intermediate-{task.name}",
-                            cfg.run.console, cfg.eval.batch_size, bf16)
-            handoff = Handoff(model.encoder, handoff.lineage + (task.name,))  # the head is dropped
-            phases[f"{condition}/intermediate-{task.name}"] = info
+        root = out / condition_folder(condition)
+        if p.intermediate[condition]:  # Phase 2: English intermediate task(s)
+            handoff, phase, info = intermediate_phase(handoff, condition, p, cfg, task_data, mlm_texts, root, bf16)
+            phases[f"{condition}/{phase}"] = info
 
         for group in p.groups:  # Phase 3: English target task, then zero-shot evaluation
             model, stages = train_target(handoff.encoder, group, cfg, task_data, root, bf16)

@@ -76,16 +76,19 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> tuple[torch.optim
 
 
 def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig, logger: PhaseLogger,
-               evaluate: Callable[[], float] | None = None) -> LoopResult:
-    """Train for cfg.steps batches drawn from `batches`. With `evaluate` (higher is better), the best
-    weights seen at an evaluation point are restored at the end. The loss is read back to the host
-    only at log steps, so a GPU is not synchronised every step."""
+               evaluate: Callable[[], float | tuple[float, dict]] | None = None) -> LoopResult:
+    """Train for cfg.steps batches drawn from `batches`. With `evaluate` (higher is better; it may also return
+    a dict of parts to log, e.g. each task's dev score), the best weights seen at an evaluation point are
+    restored at the end. A multi-task model names each batch's task (out["task"]): the per-task mean losses
+    are logged too. The loss is read back to the host only at log steps, so a GPU is not synchronised every
+    step."""
     opt, sched = make_optimizer(model, cfg)
     device = device_of(model)
     best_score, best_step, best_state = -math.inf, None, None
     start, tokens, loss_value = time.perf_counter(), 0, float("nan")
     window_loss, window_n = torch.zeros((), device=device), 0
     window_aux: dict[str, torch.Tensor] = {}  # MoE models: task loss, balance loss, z-loss
+    window_tasks: dict[str, list] = {}  # multi-task models: task -> [loss sum, batches]
     logger.start(cfg.steps)
     for step in range(1, cfg.steps + 1):
         model.train()
@@ -105,6 +108,9 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
         for key in ("task_loss", "balance_loss", "z_loss"):
             if key in out:
                 window_aux[key] = window_aux.get(key, 0.0) + out[key].detach().float()
+        if "task" in out:
+            total = window_tasks.setdefault(out["task"], [0.0, 0])
+            total[0], total[1] = total[0] + out.get("task_loss", out["loss"]).detach().float(), total[1] + 1
         logger.advance()
         if step % cfg.log_every == 0 or step == cfg.steps:
             loss_value = window_loss.item() / window_n
@@ -112,20 +118,22 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
                 raise FloatingPointError(f"{logger.phase}: loss became {loss_value} by step {step}")
             elapsed = time.perf_counter() - start
             extra = {k: round(v.item() / window_n, 6) for k, v in window_aux.items()}
+            extra |= {f"loss_{task}": round(float(t[0]) / t[1], 6) for task, t in window_tasks.items()}
             router = getattr(getattr(model, "encoder", None), "router_stats", dict)()
             if router:
                 extra |= {"max_expert_load": round(router["max_load"], 3), "dropped": router["dropped"],
                           "tokens_per_expert": router["tokens_per_expert"]}
             logger.log(step=step, loss=loss_value, lr=sched.get_last_lr()[0],
                        tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed, **extra)
-            window_loss, window_n, window_aux = torch.zeros((), device=device), 0, {}
+            window_loss, window_n, window_aux, window_tasks = torch.zeros((), device=device), 0, {}, {}
         if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             score = evaluate()
+            score, parts = score if isinstance(score, tuple) else (score, {})
             improved = score > best_score
             if improved:
                 best_score, best_step = score, step
                 best_state = copy.deepcopy(model.state_dict())
-            logger.log(step=step, dev_score=score, best=improved)
+            logger.log(step=step, dev_score=score, **{f"dev_{k}": v for k, v in parts.items()}, best=improved)
     logger.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -156,6 +156,13 @@ PRESETS: dict[str, EncoderConfig] = {
     "xlt-tiny": EncoderConfig(vocab_size=2000, hidden_size=128, num_layers=4, num_heads=4,
                               intermediate_size=256, max_position_embeddings=256, type_vocab_size=2,
                               pad_token_id=0, layer_norm_eps=1e-12, position_style="absolute", family="bert"),
+    # The synthetic study's size ladder: xlt-tiny's shape (4 layers, FFN 2x hidden) at hidden 64 and 256.
+    "xlt-64": EncoderConfig(vocab_size=2000, hidden_size=64, num_layers=4, num_heads=2, intermediate_size=128,
+                            max_position_embeddings=256, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12,
+                            position_style="absolute", family="bert"),
+    "xlt-256": EncoderConfig(vocab_size=2000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512,
+                             max_position_embeddings=256, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12,
+                             position_style="absolute", family="bert"),
     "xlt-small": EncoderConfig(vocab_size=8000, hidden_size=256, num_layers=6, num_heads=4,
                                intermediate_size=1024, max_position_embeddings=512, type_vocab_size=2,
                                pad_token_id=0, layer_norm_eps=1e-12, position_style="absolute", family="bert"),
@@ -175,6 +182,14 @@ PRESETS: dict[str, EncoderConfig] = {
 MATCHES = ("active", "total", "none")
 
 
+# The presets that are the shapes of public Hugging Face checkpoints (the counts are checked against
+# transformers' models in tests/models/test_hf.py): a study's dry run counts them without the hub.
+HUB_PRESETS = {"xlm-roberta-base": "xlmr-base", "FacebookAI/xlm-roberta-base": "xlmr-base",
+               "xlm-roberta-large": "xlmr-large", "FacebookAI/xlm-roberta-large": "xlmr-large",
+               "facebook/xlm-roberta-xl": "xlmr-xl", "facebook/xlm-roberta-xxl": "xlmr-xxl",
+               "bert-base-multilingual-cased": "mbert-base", "google-bert/bert-base-multilingual-cased": "mbert-base"}
+
+
 def moe_variant(dense: EncoderConfig, num_experts: int = 8, top_k: int = 2, match: str = "active",
                 every: int = 1) -> EncoderConfig:
     """The Mixture-of-Experts twin of a dense config, matched on `active` parameters (experts of width
@@ -184,6 +199,15 @@ def moe_variant(dense: EncoderConfig, num_experts: int = 8, top_k: int = 2, matc
         raise ValueError(f"moe_variant: match {match!r}: expected one of {', '.join(MATCHES)}")
     width = dense.intermediate_size // {"active": top_k, "total": num_experts, "none": 1}[match]
     return replace(dense, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_expert_size=width)
+
+
+def upcycled_config(dense: EncoderConfig, num_experts: int, top_k: int, every: int = 1, router: str = "topk_softmax",
+                    match: str = "active") -> EncoderConfig:
+    """The config of `dense` upcycled as Encoder.upcycled makes it: experts as wide as the dense FFN (full
+    copies; match "active" or "none"), or a num_experts-th of it (cut from its neurons; match "total")."""
+    width = dense.intermediate_size // num_experts if match == "total" else 0
+    return replace(dense, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_router=router,
+                   moe_expert_size=width)
 
 
 # MoE variants of every dense preset: <name>-moe8 (E=8, top-2, same active parameters / FLOPs per token) and

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import kernels
 
-from .config import EncoderConfig
+from .config import EncoderConfig, upcycled_config
 from .ffn import FeedForward
 from .moe import MoEFeedForward
 
@@ -194,9 +194,7 @@ class Encoder(nn.Module):
         if match == "total" and self.cfg.intermediate_size % num_experts:
             raise ValueError(f"upcycled: match 'total' cuts the FFN's {self.cfg.intermediate_size} hidden units into "
                              f"{num_experts} experts: they must divide evenly")
-        width = self.cfg.intermediate_size // num_experts if match == "total" else 0
-        cfg = replace(self.cfg, num_experts=num_experts, moe_top_k=top_k, moe_every=every, moe_router=router,
-                      moe_expert_size=width)
+        cfg = upcycled_config(self.cfg, num_experts, top_k, every, router, match)
         other = Encoder(cfg)
         state = {k: v for k, v in self.state_dict().items()
                  if not any(k.startswith(f"layers.{i}.ffn.") for i in range(cfg.num_layers) if cfg.is_sparse(i))}

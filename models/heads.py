@@ -208,13 +208,16 @@ def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int =
 
 
 class TaskModel(nn.Module):
-    """An encoder with one head. The encoder object is shared, not copied, when handed between phases."""
+    """An encoder with one head. The encoder object is shared, not copied, when handed between phases.
+    The head is initialised here (BERT's initialisation) unless `initialise` is false (a view over a head
+    that is already trained, e.g. one of a multi-task model's)."""
 
-    def __init__(self, encoder: Encoder, head: nn.Module):
+    def __init__(self, encoder: Encoder, head: nn.Module, initialise: bool = True):
         super().__init__()
         self.encoder = encoder
         self.head = head
-        head.apply(Encoder._init_weights)
+        if initialise:
+            head.apply(Encoder._init_weights)
 
     def forward(self, batch: dict) -> dict:
         hidden = self.encoder(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),

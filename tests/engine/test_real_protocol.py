@@ -226,3 +226,23 @@ def test_the_real_protocol_on_real_files(tmp_path):
     gold = json.loads((out / "baseline" / "labels" / "xquad" / "test-de.json").read_text())
     assert sum(len(p["qas"]) for a in gold["data"] for p in a["paragraphs"]) == 1190  # the whole German test set
     assert len((out / "baseline" / "labels" / "tatoeba" / "test-de.tsv").read_text().split()) == 1000
+
+
+def test_multitask_with_continued_mlm_on_real_files(world, tmp_path):
+    """multi:squad+mnli+mlm on the real formats, MLM text from <mlm_dir>/<lang>.txt."""
+    root, data, models = world
+    mlm = tmp_path / "mlm"
+    mlm.mkdir()
+    texts = realdata.all_texts(data)
+    for i, lang in enumerate(LANGS):
+        (mlm / f"{lang}.txt").write_text("\n".join(texts[i::3][:300]) + "\n")
+    out = tmp_path / "mt"
+    results = run_study(_config(_args(world, out, "--protocol.conditions", "multi:squad+mnli+mlm",
+                                      "--protocol.targets", "xnli", "--multitask.mlm_dir", str(mlm),
+                                      "--multitask.mlm_seq_len", "32", "--multitask.sampling", "temperature")))
+    info = results["phases"]["multi:squad+mnli+mlm/intermediate-multitask"]
+    assert set(info["mixture"]) == {"squad", "mnli", "mlm"} and info["mixture"]["mlm"] == 0.5
+    assert results["phases"]["multi:squad+mnli+mlm/xnli"]["lineage"] == ["pretrained", "squad", "mnli", "mlm"]
+    assert (out / "multi-squad+mnli+mlm" / "predictions" / "xnli" / "test-ru.tsv").is_file()
+    missing = _args(world, tmp_path / "nomlm", "--protocol.conditions", "multi:squad+mlm", "--protocol.targets", "xnli")
+    assert main(missing) == 2 and not (tmp_path / "nomlm").exists()

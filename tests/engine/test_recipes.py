@@ -9,7 +9,9 @@ from engine import config as C
 from engine.train import main
 from tests import realdata
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
+ALL = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
+RECIPES = [p for p in ALL if not p.name.startswith("study-")]  # engine.train recipes
+STUDIES = [p for p in ALL if p.name.startswith("study-")]  # engine.study grids
 LANGS = ("en", "de", "ru")
 XCOPA = ("et", "ht", "it")  # XCOPA has none of LANGS
 
@@ -18,6 +20,20 @@ def test_recipes_are_shipped():
     names = {p.name for p in RECIPES}
     assert {"default.toml", "xtreme-xlmr-large.toml", "xtreme-xlmr-base.toml", "xtreme-mbert-base.toml",
             "xtreme-r-xlmr-large.toml"} <= names
+    assert {"study-synthetic.toml", "study-xlmr.toml"} <= {p.name for p in STUDIES}
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_study_recipes_resolve(study, tmp_path, capsys):
+    """Every cell of a shipped study resolves (a hub model offline is counted by its preset shape)."""
+    from engine.study import grid, load_study
+    from engine.study import main as study_main
+
+    assert study_main(["--config", str(study), "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    listing = capsys.readouterr().out
+    cells = grid(load_study(str(study), []))
+    assert f"{len(cells)} cells of study" in listing and all(f"| {c.id} |" in listing for c in cells)
+    assert "nanM" not in listing  # every cell counted
 
 
 def test_the_default_recipe_is_the_embedded_default(capsys):
