@@ -60,7 +60,7 @@ def spread_row(cfg, task_name: str, finetune_seeds: list[int], cache: Path, work
     for seed in finetune_seeds:
         run_seed = target_seed(seed, training, task_name)  # the default's baseline cell with run.seed = seed
         model = new_task_model(copy.deepcopy(encoder), task, run_seed)
-        finetune(model, task, task_data, ft, run_seed, work / f"{cfg.run.seed}-{seed}", False, cfg.eval.batch_size,
+        finetune(model, task, task_data, ft, run_seed, work / f"{cfg.run.seed}-{seed}", cfg.run, cfg.eval.batch_size,
                  bf16)
         scores = {}
         for lang in p.languages[task_name]:

@@ -28,6 +28,15 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the hardware computes it natively
     console: bool = True
+    # Never lose work: every phase's training state is checkpointed every `checkpoint_every` steps (and at its
+    # end) under <phase>/state/, the newest `keep_checkpoints` kept; `--resume` continues a killed run from there.
+    # A finished phase's state is deleted (its best weights stay in <phase>/checkpoint/) unless keep_finished_state.
+    # Under torchrun: ddp or fsdp2 (ignored in one process). Batch sizes stay global, split over the ranks.
+    distributed: str = "ddp"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    keep_finished_state: bool = False
+    max_skipped_steps: int = 10  # consecutive non-finite steps (skipped, no update) that stop a phase
 
 
 @dataclass
@@ -77,6 +86,7 @@ class FinetuneConfig:
     query_max_len: int = 0  # dual encoders (Mewsli-X, LAReQA): length of the queries; 0 = max_len
     evals_per_epoch: int = 1  # dev evaluations (for best-checkpoint selection) per epoch
     log_every: int = 50
+    micro_batches: int = 1  # gradient accumulation: each rank's share of a batch in this many pieces
     overrides: dict = field(default_factory=dict)  # task -> {key: value} for that task only
 
     def for_task(self, task: str) -> "FinetuneConfig":

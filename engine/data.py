@@ -14,6 +14,8 @@ import torch
 from eval.tasks import TaskSpec
 from models import IGNORE
 
+from . import distributed
+
 
 def _pair_inputs(tokenizer, first, second, max_len: int) -> dict:
     enc = tokenizer(first, second, truncation="longest_first" if second is not None else True, max_length=max_len)
@@ -197,27 +199,130 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def batches(feats: list[dict], batch_size: int, pad_id: int, shuffle_rng: random.Random | None = None,
-            ) -> Iterator[dict]:
-    """Batches of similar length (less padding). With an rng: shuffled, then sorted by length within
-    windows of 50 batches, and the batch order shuffled again."""
-    def size(f):
-        return len(f["input_ids"]) if "input_ids" in f else max(len(c["input_ids"]) for c in f["choices"])
+def _size(f: dict) -> int:
+    return len(f["input_ids"]) if "input_ids" in f else max(len(c["input_ids"]) for c in f["choices"])
 
+
+def batch_groups(feats: list[dict], batch_size: int, shuffle_rng: random.Random | None = None) -> list[list[int]]:
+    """Feature indices of each batch, batches of similar length (less padding). With an rng: shuffled, then
+    sorted by length within windows of 50 batches, and the batch order shuffled again; without: by length."""
     order = list(range(len(feats)))
     if shuffle_rng is None:
-        order.sort(key=lambda i: size(feats[i]))
-        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    else:
-        shuffle_rng.shuffle(order)
-        window = batch_size * 50
-        groups = []
-        for w in range(0, len(order), window):
-            chunk = sorted(order[w:w + window], key=lambda i: size(feats[i]))
-            groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-        shuffle_rng.shuffle(groups)
-    for g in groups:
+        order.sort(key=lambda i: _size(feats[i]))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    shuffle_rng.shuffle(order)
+    window = batch_size * 50
+    groups = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: _size(feats[i]))
+        groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffle_rng.shuffle(groups)
+    return groups
+
+
+def batches(feats: list[dict], batch_size: int, pad_id: int, shuffle_rng: random.Random | None = None,
+            ) -> Iterator[dict]:
+    """Collated batches of batch_groups (evaluation: by length, no rng)."""
+    for g in batch_groups(feats, batch_size, shuffle_rng):
         yield collate([feats[i] for i in g], pad_id)
+
+
+class EpochStream:
+    """An endless stream of training batches, epoch after epoch. Epoch e's batches are `groups(e)`, drawn from
+    (seed, e) alone, and `make(group, epoch, index)` builds each one, so the position (epoch, index) is the
+    whole state: a resumed run regenerates the epoch and goes on from the same batch."""
+
+    def __init__(self, groups, make):
+        self.groups_of, self.make = groups, make
+        self.epoch, self.index, self._groups = 0, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._groups is None:
+            self._groups = self.groups_of(self.epoch)
+            if not self._groups:
+                raise ValueError("EpochStream: an epoch with no batches")
+        if self.index >= len(self._groups):
+            self.epoch, self.index, self._groups = self.epoch + 1, 0, self.groups_of(self.epoch + 1)
+        batch = self.make(self._groups[self.index], self.epoch, self.index)
+        self.index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index, self._groups = int(state["epoch"]), int(state["index"]), None
+
+
+def micro_groups(group: list, micro_batches: int = 1) -> list[tuple[list, bool]]:
+    """This rank's share of a global batch's items, cut into micro-batches: [(items, dummy)]. A rank whose
+    share is empty (a last batch smaller than the world) gets one dummy micro-batch, which the step weighs 0
+    but runs, so that every rank takes part in the gradient reduction."""
+    d = distributed.current()
+    local = distributed.local_part(group, d)
+    if not local:
+        return [(group[:1], True)]
+    k = max(1, min(micro_batches, len(local)))
+    size = -(-len(local) // k)
+    return [(local[i:i + size], False) for i in range(0, len(local), size)]
+
+
+def training_stream(feats: list[dict], batch_size: int, pad_id: int, seed: int, micro_batches: int = 1,
+                    ) -> EpochStream:
+    """Shuffled training batches of `feats` (batch_groups with an rng drawn from (seed, epoch)); batch_size is
+    the global batch: under torchrun each rank collates its own share, in `micro_batches` pieces."""
+    def make(group, e, i):
+        parts = micro_groups(group, micro_batches)
+        if len(parts) == 1 and not distributed.current().active:
+            return collate([feats[j] for j in parts[0][0]], pad_id)
+        return [collate([feats[j] for j in items], pad_id) | ({"dummy": True} if dummy else {})
+                for items, dummy in parts]
+
+    return EpochStream(lambda e: batch_groups(feats, batch_size, random.Random(f"xlt-batches-{seed}-{e}")), make)
+
+
+def split_rows(batch: dict, micro_batches: int = 1):
+    """A collated global batch (e.g. masked LM, masked as a whole so the masks do not depend on the split) cut
+    into this rank's micro-batches: the tensors' rows of micro_groups."""
+    n = len(batch["lengths"])
+    parts = micro_groups(list(range(n)), micro_batches)
+    if len(parts) == 1 and not distributed.current().active:
+        return batch
+    def rows_of(v, rows):
+        return v[torch.tensor(rows)] if torch.is_tensor(v) and v.dim() and len(v) == n else v
+
+    return [{k: rows_of(v, rows) for k, v in batch.items()} | ({"dummy": True} if dummy else {})
+            for rows, dummy in parts]
+
+
+class MixtureStream:
+    """Batches from several streams, each step's stream drawn with the given probabilities (multi-task
+    training); the batch carries its stream's name as "task". State: the draw's rng and every stream's."""
+
+    def __init__(self, streams: dict, weights: dict[str, float], seed: int):
+        self.streams, self.names = streams, list(weights)
+        self.probs = [weights[n] for n in self.names]
+        self.rng = random.Random(f"xlt-mixture-{seed}")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        name = self.rng.choices(self.names, self.probs)[0]
+        item = next(self.streams[name])
+        return [m | {"task": name} for m in item] if isinstance(item, list) else item | {"task": name}
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "streams": {n: s.state() for n, s in self.streams.items()}}
+
+    def restore(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        for name, s in state["streams"].items():
+            self.streams[name].restore(s)
 
 
 def num_batches(num_feats: int, batch_size: int) -> int:

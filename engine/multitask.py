@@ -11,9 +11,7 @@ dev score are logged. Then the heads are dropped and the encoder handed on.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 from pathlib import Path
 
 import torch
@@ -25,9 +23,9 @@ from models import Encoder, TaskModel, hf, make_head
 from . import data
 from .config import FinetuneConfig, MultitaskConfig
 from .evaluate import evaluate_task
-from .pretrain import mask_batch, pack_texts
+from .pretrain import mlm_stream, pack_texts
 from .progress import PhaseLogger
-from .trainer import LoopConfig, repeat, train_loop
+from .trainer import Checkpoints, LoopConfig, train_loop
 
 MLM = "mlm"
 SAMPLINGS = ("proportional", "temperature")
@@ -80,25 +78,8 @@ def mlm_head_from(model_name: str, encoder: Encoder) -> nn.Module:
     return head
 
 
-def mlm_batches(texts: dict[str, list[str]], tokenizer, mt: MultitaskConfig, batch_size: int, seed: int):
-    """Endless masked batches of packed monolingual sequences (shuffled each epoch)."""
-    sequences = pack_texts(texts, tokenizer, mt.mlm_seq_len)
-    if len(sequences) < batch_size:
-        raise ValueError(f"multitask: the MLM text gives {len(sequences)} sequences of {mt.mlm_seq_len} tokens, "
-                         f"fewer than one batch of {batch_size}: give more text (multitask.mlm_lines)")
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-
-    def epoch(_: int):
-        order = list(range(len(sequences)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield mask_batch([sequences[j] for j in order[i:i + batch_size]], tokenizer, mt.mlm_mask_prob, gen)
-
-    return repeat(epoch)
-
-
 def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, mt: MultitaskConfig,
-                    mlm_texts: dict[str, list[str]] | None, model_name: str, seed: int, out: Path, console: bool,
+                    mlm_texts: dict[str, list[str]] | None, model_name: str, seed: int, out: Path, run,
                     eval_batch: int, bf16: bool) -> tuple[MultiTaskModel, dict]:
     """Train `tasks` (and MLM when mlm_texts is given) on one encoder; `ft_of(task)` is the task's
     FinetuneConfig. Returns the model with the best mean English dev score and the phase info."""
@@ -114,30 +95,22 @@ def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, m
         _, train = task_data.get(task, "train", "en", ft)
         feats_of[task.name] = task_data.get(task, "dev", "en", ft)
         examples[task.name] = len(train)
-        rng = random.Random(seed + 1 + i)
-        streams[task.name] = repeat(lambda e, train=train, rng=rng, ft=ft: data.batches(
-            train, ft.batch_size, tokenizer.pad_token_id, rng))
+        streams[task.name] = data.training_stream(train, ft.batch_size, tokenizer.pad_token_id, seed + 1 + i)
     first = ft_by[tasks[0].name]
     if mlm_texts is not None:
         heads[MLM] = mlm_head_from(model_name, encoder).to(data.device_of(encoder))
-        streams[MLM] = mlm_batches(mlm_texts, tokenizer, mt, first.batch_size, seed)
+        sequences = pack_texts(mlm_texts, tokenizer, mt.mlm_seq_len)
+        if len(sequences) < first.batch_size:
+            raise ValueError(f"multitask: the MLM text gives {len(sequences)} sequences of {mt.mlm_seq_len} tokens, "
+                             f"fewer than one batch of {first.batch_size}: give more text (multitask.mlm_lines)")
+        streams[MLM] = mlm_stream(sequences, tokenizer, first.batch_size, mt.mlm_mask_prob, seed)
         examples[MLM] = 0
     model = MultiTaskModel(encoder, heads)
     weights = mixture_weights(examples, mt.sampling, mt.cap, mt.temperature, mt.mlm_ratio)
     per_epoch = sum(data.num_batches(examples[t.name], ft_by[t.name].batch_size) for t in tasks)
     task_share = 1.0 - weights.get(MLM, 0.0)
     steps = max(1, math.ceil(first.epochs * per_epoch / task_share))
-    names, probs = list(weights), list(weights.values())
-    chooser = random.Random(seed)
-    order = hashlib.sha256()
-
-    def mixed():
-        for step in range(steps + 1):
-            task = chooser.choices(names, probs)[0]
-            batch = next(streams[task])
-            if step < 64:
-                order.update(task.encode())
-            yield batch | {"task": task}
+    mixed = data.MixtureStream(streams, weights, seed)
 
     evaluated: list[tuple[float, dict]] = []
 
@@ -153,13 +126,15 @@ def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, m
     torch.manual_seed(seed)
     loop = LoopConfig(steps=steps, lr=first.lr, warmup_ratio=first.warmup_ratio, warmup_steps=first.warmup_steps,
                       weight_decay=first.weight_decay, grad_clip=first.grad_clip, log_every=first.log_every,
-                      eval_every=max(1, per_epoch // first.evals_per_epoch), bf16=bf16)
-    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", console)
-    result = train_loop(model, mixed(), loop, logger, evaluate=dev_scores)
+                      eval_every=max(1, per_epoch // first.evals_per_epoch), bf16=bf16,
+                      checkpoint_every=run.checkpoint_every, max_skipped=run.max_skipped_steps)
+    checkpoints = Checkpoints(out / "state", run.keep_checkpoints)
+    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console)
+    result = train_loop(model, mixed, loop, logger, evaluate=dev_scores, checkpoints=checkpoints)
     best_parts = max(evaluated, key=lambda e: e[0])[1]  # the first best, as train_loop keeps it
     return model, {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,
                    "dev_en_by_task": best_parts, "seconds": round(result.seconds, 2), "tokens": result.tokens,
-                   "train_rows": examples, "mixture": weights, "seed": seed, "task_order": order.hexdigest()[:16]}
+                   "train_rows": examples, "mixture": weights, "seed": seed, "skipped_steps": result.skipped}
 
 
 def read_mlm_texts(mt: MultitaskConfig, languages: list[str], world=None) -> dict[str, list[str]]:

@@ -20,9 +20,11 @@ from transformers import PreTrainedTokenizerFast
 from eval.synthetic import SyntheticWorld
 from models import IGNORE, Encoder, EncoderConfig, TaskModel, make_head
 
+from . import distributed
 from .checkpoint import load_encoder, save_encoder
 from .progress import PhaseLogger, say
-from .trainer import LoopConfig, repeat, train_loop
+from .data import EpochStream, split_rows
+from .trainer import Checkpoints, LoopConfig, train_loop
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -72,6 +74,7 @@ class MLMConfig:
     vocab_size: int = 2000
     documents_per_language: int = 8000
     log_every: int = 100
+    micro_batches: int = 1  # gradient accumulation (each rank's share of a batch in this many pieces)
 
 
 def pack_corpus(world: SyntheticWorld, tokenizer, cfg: MLMConfig) -> list[list[int]]:
@@ -110,6 +113,27 @@ def mask_batch(seqs: list[list[int]], tokenizer, mask_prob: float, gen: torch.Ge
     return {"input_ids": inputs, "labels": labels, "lengths": torch.full((ids.shape[0],), ids.shape[1])}
 
 
+def mlm_stream(sequences: list[list[int]], tokenizer, batch_size: int, mask_prob: float, seed: int,
+               micro_batches: int = 1) -> EpochStream:
+    """Masked-LM batches of packed sequences: each epoch shuffled from (seed, epoch), each batch masked with a
+    generator seeded from (seed, epoch, batch), so the data position is the whole state (resumable). The
+    global batch is masked whole, then cut into this rank's micro-batches (data.split_rows)."""
+    if len(sequences) < batch_size:
+        raise ValueError(f"masked LM: {len(sequences)} sequences, fewer than one batch of {batch_size}")
+
+    def groups(epoch: int):
+        order = list(range(len(sequences)))
+        random.Random(f"xlt-mlm-{seed}-{epoch}").shuffle(order)
+        return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+    def make(group, epoch: int, index: int):
+        digest = hashlib.sha256(f"{seed}-{epoch}-{index}".encode()).hexdigest()
+        gen = torch.Generator().manual_seed(int(digest[:15], 16))
+        return split_rows(mask_batch([sequences[j] for j in group], tokenizer, mask_prob, gen), micro_batches)
+
+    return EpochStream(groups, make)
+
+
 # Everything the cached model is computed by: the corpus generator, the tokenizer builder, the model and its
 # kernels, the training loop and the checkpoint format.
 PRETRAINING_CODE = ("eval/synthetic/*.py", "eval/tasks.py", "models/*.py", "kernels/*.py", "engine/pretrain.py",
@@ -142,9 +166,10 @@ def default_cache_dir() -> Path:
 
 def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, cache_dir: Path | None,
              log_dir: Path | None = None, bf16: bool = False, device: torch.device = torch.device("cpu"),
-             ) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
+             checkpoint_every: int = 0) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
     """Return (encoder, tokenizer, info), from the cache when this exact pretraining was done before.
-    The encoder is returned on the CPU."""
+    The encoder is returned on the CPU. With log_dir, its training state is checkpointed under
+    log_dir/state (every checkpoint_every steps) and a killed pretraining continues from there."""
     key = cache_key(world, model_cfg, cfg, seed, bf16)
     target = cache_dir / f"pretrain-{key}" if cache_dir is not None else None
     if target is not None and (target / "done.json").exists():
@@ -163,24 +188,18 @@ def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, se
         f"in {len(world.codes)} languages; {model_cfg.num_parameters() / 1e6:.2f}M parameters")
     encoder = Encoder(model_cfg)
     model = TaskModel(encoder, make_head("mlm", model_cfg, encoder)).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-
-    def epoch(_: int):
-        order = list(range(len(sequences)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            yield mask_batch([sequences[j] for j in order[i:i + cfg.batch_size]], tokenizer, cfg.mask_prob, gen)
-
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                      log_every=cfg.log_every, bf16=bf16)
+                      log_every=cfg.log_every, bf16=bf16, checkpoint_every=checkpoint_every)
     logger = PhaseLogger("pretrain", log_dir / "metrics.jsonl" if log_dir else None)
-    result = train_loop(model, repeat(epoch), loop, logger)
+    checkpoints = Checkpoints(log_dir / "state") if log_dir is not None else None
+    stream = mlm_stream(sequences, tokenizer, cfg.batch_size, cfg.mask_prob, seed, cfg.micro_batches)
+    result = train_loop(model, stream, loop, logger, checkpoints=checkpoints)
     encoder = encoder.cpu()
     info = {"key": key, "steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
             "tokens": result.tokens, "vocab_size": len(tokenizer)}
-    if target is not None:
+    if target is not None and distributed.current().is_main:
         _save_atomically(target, encoder, tokenizer, info)
+    distributed.barrier()
     return encoder, tokenizer, info | {"cached": False}
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .distributed import current
+
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
@@ -17,18 +19,29 @@ def _clock(seconds: float) -> str:
 class PhaseLogger:
     def __init__(self, phase: str, jsonl: Path | None = None, console: bool = True):
         self.phase = phase
-        self.jsonl = jsonl
-        self.console = console
+        main = current().is_main  # under torchrun, rank 0 alone logs
+        self.jsonl = jsonl if main else None
+        self.console = console and main
         self.total = 0
         self.bar = None
         self.t0 = time.perf_counter()
         if jsonl is not None:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
 
-    def start(self, total_steps: int) -> None:
+    def start(self, total_steps: int, done: int = 0) -> None:
         self.total, self.t0 = total_steps, time.perf_counter()
         if self.console and sys.stderr.isatty():
-            self.bar = tqdm(total=total_steps, desc=self.phase, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=done, desc=self.phase, leave=False, dynamic_ncols=True)
+
+    def size(self) -> int:
+        """Bytes logged so far (a checkpoint records it, so that a resumed phase logs from there again)."""
+        return self.jsonl.stat().st_size if self.jsonl is not None and self.jsonl.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Drop what was logged after `size` bytes (the lines after the checkpoint a phase resumes from)."""
+        if self.jsonl is not None and self.jsonl.exists():
+            with open(self.jsonl, "r+b") as f:
+                f.truncate(size)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -74,5 +87,6 @@ class PhaseLogger:
 
 
 def say(message: str) -> None:
-    """A plain progress message on the console (phase headers, summaries)."""
-    print(message, flush=True)
+    """A plain progress message on the console (phase headers, summaries); rank 0 only under torchrun."""
+    if current().is_main:
+        print(message, flush=True)

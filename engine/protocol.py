@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import platform
-import random
 import shutil
 import time
 from dataclasses import dataclass, fields, replace
@@ -33,11 +32,11 @@ from eval.synthetic import DEFAULT_LANGUAGES, SyntheticWorld
 from eval.synthetic.world import task_specs
 from eval.tasks import TaskSpec
 from models import Encoder, EncoderConfig, TaskModel, hf, make_head, preset
-from models.config import HUB_PRESETS, MATCHES, moe_variant, upcycled_config
+from models.config import HUB_PRESETS, MATCHES, ROUTERS, moe_variant, upcycled_config
 
-from . import data
-from .checkpoint import atomic_write_text, save_task_model
-from .config import Config, ConfigError, FinetuneConfig, to_toml
+from . import data, distributed
+from .checkpoint import atomic_write_text, load_exported, save_task_model
+from .config import Config, ConfigError, FinetuneConfig, load, to_toml
 from .evaluate import dual_encoder_embedders, embedder, evaluate_ranking, evaluate_task, predict
 from .featcache import FeatureCache
 from .multitask import MLM, SAMPLINGS, read_mlm_texts, train_multitask
@@ -45,7 +44,7 @@ from .pretrain import default_cache_dir, pretrain
 from .progress import PhaseLogger, say
 from .report import summarize, table
 from .sources import SUITE_NAMES, Source, Training, make_source, subset
-from .trainer import LoopConfig, bf16_supported, repeat, train_loop
+from .trainer import Checkpoints, LoopConfig, bf16_supported, train_loop
 
 BASELINE = "baseline"
 KNOWN_TASKS = set(TARGET_TASKS) | set(INTERMEDIATE_TASKS) | set(task_specs(DEFAULT_LANGUAGES))
@@ -148,26 +147,42 @@ def plan(cfg: Config) -> Plan:
                           f"(0 = embeddings; the encoder has {num_layers} layers)")
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size: must be >= 1, got {cfg.eval.batch_size}")
-    for name in ("steps", "batch_size", "seq_len", "vocab_size", "documents_per_language"):
+    for name in ("steps", "batch_size", "seq_len", "vocab_size", "documents_per_language", "micro_batches",
+                 "log_every"):
         if getattr(cfg.pretrain, name) < 1:
             raise ConfigError(f"pretrain.{name}: must be >= 1")
+    if not 0 < cfg.pretrain.mask_prob < 1 or cfg.pretrain.lr <= 0:
+        raise ConfigError(f"pretrain.mask_prob must be in (0, 1) and pretrain.lr > 0, got {cfg.pretrain.mask_prob}, "
+                          f"{cfg.pretrain.lr}")
     return p
 
 
 def _check_model(cfg: Config) -> int:
     """Model options; returns the encoder's depth."""
     m = cfg.model
+    if m.match not in MATCHES:
+        raise ConfigError(f"model.match: {m.match!r}: expected one of {', '.join(MATCHES)}")
+    if m.arch == "moe":
+        if m.experts < 1 or not 1 <= m.top_k <= m.experts:
+            raise ConfigError(f"model.experts / model.top_k: need experts >= 1 and 1 <= top_k <= experts, got "
+                              f"{m.experts} and {m.top_k}")
+        if m.router not in ROUTERS:
+            raise ConfigError(f"model.router: {m.router!r}: expected one of {', '.join(ROUTERS)}")
+    if m.balance_coef < 0 or m.z_coef < 0 or not (0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1):
+        raise ConfigError("model: balance_coef and z_coef must be >= 0, dropouts in [0, 1)")
     try:
         arch = encoder_config(m)
     except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    if m.match not in MATCHES:
-        raise ConfigError(f"model.match: {m.match!r}: expected one of {', '.join(MATCHES)}")
+        message = str(e)
+        raise ConfigError(message if message.startswith("model:") else f"model: {message}") from None
     if m.name:
         try:  # fetch (or find) the model now, so a wrong name fails before anything is written
             arch = hf.config_from_hf(json.loads((hf.resolve(m.name) / "config.json").read_text()))
         except (hf.ModelLoadError, OSError) as e:
             raise ConfigError(f"model.name: {e}") from None
+    if m.arch == "moe" and not 1 <= m.moe_every <= arch.num_layers:
+        raise ConfigError(f"model.moe_every: {m.moe_every}: expected 1..{arch.num_layers} (the encoder's layers; "
+                          "every moe_every-th is sparse)")
     if m.arch == "moe" and (m.upcycle or m.name):
         if m.match == "active" and m.top_k != 1:
             raise ConfigError(f"model.match: 'active' with an upcycled encoder needs model.top_k = 1 (every expert "
@@ -183,6 +198,11 @@ def _check_model(cfg: Config) -> int:
         raise ConfigError(f"run.device: {e}") from None
     if cfg.run.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"run.precision: {cfg.run.precision!r}: expected auto, fp32 or bf16")
+    if cfg.run.distributed not in distributed.MODES:
+        raise ConfigError(f"run.distributed: {cfg.run.distributed!r}: expected one of {', '.join(distributed.MODES)}")
+    for key, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_skipped_steps", 1), ("threads", 0)):
+        if getattr(cfg.run, key) < low:
+            raise ConfigError(f"run.{key}: must be >= {low}, got {getattr(cfg.run, key)}")
     if m.kernels not in ("auto", "torch", "triton"):
         raise ConfigError(f"model.kernels: {m.kernels!r}: expected auto, torch or triton")
     return arch.num_layers
@@ -297,7 +317,8 @@ def _check_ranges(ft: FinetuneConfig, where: str) -> None:
               ("warmup_steps", ft.warmup_steps >= 0, ">= 0"), ("weight_decay", ft.weight_decay >= 0, ">= 0"),
               ("grad_clip", ft.grad_clip >= 0, ">= 0 (0 = no clipping)"), ("max_len", ft.max_len >= 8, ">= 8"),
               ("doc_stride", ft.doc_stride >= 1, ">= 1"), ("query_max_len", ft.query_max_len >= 0, ">= 0"),
-              ("evals_per_epoch", ft.evals_per_epoch >= 1, ">= 1"), ("log_every", ft.log_every >= 1, ">= 1")]
+              ("evals_per_epoch", ft.evals_per_epoch >= 1, ">= 1"), ("log_every", ft.log_every >= 1, ">= 1"),
+              ("micro_batches", 1 <= ft.micro_batches <= ft.batch_size, f"in 1..batch_size ({ft.batch_size})")]
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{where}.{key}: must be {expected}, got {getattr(ft, key)}")
@@ -439,9 +460,10 @@ def _digest(*parts) -> str:
 
 
 def finetune(model: TaskModel, task: TaskSpec, task_data: TaskData, ft: FinetuneConfig, seed: int, out: Path,
-             console: bool, eval_batch: int, bf16: bool) -> dict:
+             run, eval_batch: int, bf16: bool) -> dict:
     """Train `model` on `task`'s English train rows; keep the weights with the best English dev score. The
-    seed fixes the batch order and dropout (and, through new_task_model, the head)."""
+    seed fixes the batch order and dropout (and, through new_task_model, the head). The training state is
+    checkpointed under out/state (run.checkpoint_every) and a killed phase continues from there."""
     torch.manual_seed(seed)
     tokenizer = task_data.tokenizer
     _, train_feats = task_data.get(task, "train", "en", ft)
@@ -450,15 +472,9 @@ def finetune(model: TaskModel, task: TaskSpec, task_data: TaskData, ft: Finetune
         raise loaders.DataUnavailable(f"{task.name}: no English training example survives featurization")
     per_epoch = data.num_batches(len(train_feats), ft.batch_size)
     steps = max(1, math.ceil(ft.epochs * per_epoch))
-    rng = random.Random(seed)
-    order = hashlib.sha256()
+    stream = data.training_stream(train_feats, ft.batch_size, tokenizer.pad_token_id, seed, ft.micro_batches)
     head_init = _digest(*(t.detach().cpu().float().numpy().tobytes() for t in model.head.state_dict().values()))
-
-    def epoch(e: int):
-        for batch in data.batches(train_feats, ft.batch_size, tokenizer.pad_token_id, rng):
-            if e == 0:
-                order.update(json.dumps(batch["example"]).encode())
-            yield batch
+    data_order = _digest([[train_feats[i]["example"] for i in g] for g in stream.groups_of(0)])
 
     def dev_score() -> float:
         if task.format == "ranking":
@@ -468,17 +484,37 @@ def finetune(model: TaskModel, task: TaskSpec, task_data: TaskData, ft: Finetune
     loop = LoopConfig(steps=steps, lr=ft.lr, warmup_ratio=ft.warmup_ratio, warmup_steps=ft.warmup_steps,
                       weight_decay=ft.weight_decay,
                       grad_clip=ft.grad_clip, log_every=ft.log_every,
-                      eval_every=max(1, per_epoch // ft.evals_per_epoch), bf16=bf16)
-    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", console)
-    result = train_loop(model, repeat(epoch), loop, logger, evaluate=dev_score)
+                      eval_every=max(1, per_epoch // ft.evals_per_epoch), bf16=bf16,
+                      checkpoint_every=run.checkpoint_every, max_skipped=run.max_skipped_steps)
+    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console)
+    result = train_loop(model, stream, loop, logger, evaluate=dev_score,
+                        checkpoints=Checkpoints(out / "state", run.keep_checkpoints))
     meta = {"task": task.name, "format": task.format, "labels": list(task.labels), "best_step": result.best_step,
             "dev_score_en": result.best_score}
     if task.format == "ranking":  # how to embed with the exported encoder
         meta |= {"pooling": model.head.pooling, "layer": model.encoder.cfg.num_layers}
-    save_task_model(model, out / "checkpoint", meta, tokenizer)
+    if distributed.current().is_main:
+        save_task_model(model, out / "checkpoint", meta, tokenizer)
+    distributed.barrier()
     return {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,
             "seconds": round(result.seconds, 2), "tokens": result.tokens, "train_rows": len(train_feats), "seed": seed,
-            "head_init": head_init, "data_order": order.hexdigest()[:16]}
+            "head_init": head_init, "data_order": data_order, "skipped_steps": result.skipped,
+            "resumed_after_step": result.resumed_from}
+
+
+def finished(phase_dir: Path) -> dict | None:
+    """A finished phase's info (its done.json), or None."""
+    path = phase_dir / "done.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_done(phase_dir: Path, info: dict, run) -> None:
+    """Record a phase as finished (after everything it writes); its training state goes unless kept."""
+    if distributed.current().is_main:
+        atomic_write_text(phase_dir / "done.json", json.dumps(info, indent=1))
+        if not run.keep_finished_state:
+            shutil.rmtree(phase_dir / "state", ignore_errors=True)
+    distributed.barrier()
 
 
 def train_target(encoder: Encoder, group: TargetGroup, cfg: Config, task_data: TaskData, out: Path,
@@ -493,9 +529,15 @@ def train_target(encoder: Encoder, group: TargetGroup, cfg: Config, task_data: T
         seed = target_seed(cfg.run.seed, group.training, stage)
         if model is None:
             model = new_task_model(copy.deepcopy(encoder), task, seed)
-        phase = first.name if stage == first.name else f"{first.name}-{stage}"
+        phase = out / (first.name if stage == first.name else f"{first.name}-{stage}")
+        if stage != first.name and (done := finished(phase)) is not None:  # an earlier stage, finished before
+            load_exported(model, phase / "checkpoint")
+            info[stage] = done
+            continue
         info[stage] = finetune(model, task, task_data, ft if stage == first.name else cfg.target.for_task(stage),
-                               seed, out / phase, cfg.run.console, cfg.eval.batch_size, bf16)
+                               seed, phase, cfg.run, cfg.eval.batch_size, bf16)
+        if stage != first.name:
+            mark_done(phase, info[stage], cfg.run)
     return model, info
 
 
@@ -505,23 +547,28 @@ def intermediate_phase(handoff: Handoff, condition: str, p: Plan, cfg: Config, t
     on the handed-over encoder; the heads are dropped and the encoder handed on."""
     tasks = p.intermediate[condition]
     seed = phase_seed(cfg.run.seed, "intermediate", condition)
+    phase = f"intermediate-{condition}" if tasks == [condition] else "intermediate-multitask"
+    lineage = handoff.lineage + tuple(tasks)
+    if (done := finished(root / phase)) is not None:  # a resumed run: the phase's result, as it was handed on
+        load_exported(handoff.encoder, root / phase / "checkpoint")
+        return Handoff(handoff.encoder, lineage), phase, done
     if tasks == [condition]:  # one intermediate task
         task = p.source.task(condition)
         model = new_task_model(handoff.encoder, task, seed)
-        phase = f"intermediate-{task.name}"
         info = finetune(model, task, task_data, cfg.intermediate.for_task(task.name), seed, root / phase,
-                        cfg.run.console, cfg.eval.batch_size, bf16)
+                        cfg.run, cfg.eval.batch_size, bf16)
     else:
-        phase = "intermediate-multitask"
         specs = [p.source.task(t) for t in tasks if t != MLM]
         model, info = train_multitask(handoff.encoder, specs, task_data, cfg.intermediate.for_task, cfg.multitask,
                                       mlm_texts if MLM in tasks else None, cfg.model.name, seed, root / phase,
-                                      cfg.run.console, cfg.eval.batch_size, bf16)
-        save_task_model(model.encoder, root / phase / "checkpoint",
-                        {"tasks": tasks, "mixture": info["mixture"], "best_step": info["best_step"],
-                         "dev_score_en": info["dev_en"], "dev_score_en_by_task": info["dev_en_by_task"]},
-                        task_data.tokenizer)
-    return Handoff(model.encoder, handoff.lineage + tuple(tasks)), phase, info
+                                      cfg.run, cfg.eval.batch_size, bf16)
+        if distributed.current().is_main:
+            save_task_model(model.encoder, root / phase / "checkpoint",
+                            {"tasks": tasks, "mixture": info["mixture"], "best_step": info["best_step"],
+                             "dev_score_en": info["dev_en"], "dev_score_en_by_task": info["dev_en_by_task"]},
+                            task_data.tokenizer)
+    mark_done(root / phase, info, cfg.run)
+    return Handoff(model.encoder, lineage), phase, info
 
 
 def write_leaderboard(root: Path, task: TaskSpec, lang: str, ext: str, pred: str, gold: str) -> None:
@@ -563,7 +610,7 @@ def evaluate_retrieval(encoder: Encoder, task: TaskSpec, langs: list[str], cfg: 
     return {"layer": layer, "pooling": RETRIEVAL_POOLING}
 
 
-def pretrained_encoder(cfg: Config, p: Plan, out: Path, device: torch.device, bf16: bool):
+def pretrained_encoder(cfg: Config, p: Plan, out: Path, device: torch.device, bf16: bool, resume: bool = False):
     """Phase 1: the pretrained multilingual encoder: a Hugging Face model by name, or the stand-in for XLM-R
     pretrained here with MLM on the synthetic corpus (cached by everything that determines it)."""
     if cfg.model.name:
@@ -571,8 +618,14 @@ def pretrained_encoder(cfg: Config, p: Plan, out: Path, device: torch.device, bf
         say(f"[pretrain] skipped: loaded {cfg.model.name} ({encoder.cfg.num_parameters() / 1e6:.1f}M parameters)")
         return encoder, tokenizer, {"model": cfg.model.name, "cached": True}
     cache = {"none": None, "": default_cache_dir()}.get(cfg.run.cache_dir, Path(cfg.run.cache_dir))
-    return pretrain(p.world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed, cache, out / "pretrain", bf16,
-                    device)
+    if not resume and distributed.current().is_main:  # a fresh run never continues from another's pretraining
+        shutil.rmtree(out / "pretrain" / "state", ignore_errors=True)
+    distributed.barrier()
+    encoder, tokenizer, info = pretrain(p.world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed, cache,
+                                        out / "pretrain", bf16, device, cfg.run.checkpoint_every)
+    if not cfg.run.keep_finished_state and distributed.current().is_main:
+        shutil.rmtree(out / "pretrain" / "state", ignore_errors=True)
+    return encoder, tokenizer, info
 
 
 def feature_cache_dir(cfg: Config) -> Path | None:
@@ -599,10 +652,40 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 # ----- the study ---------------------------------------------------------------------------------------------
-def run_study(cfg: Config, overwrite: bool = False) -> dict:
+def check_resume(out: Path, resolved: Config) -> None:
+    """--resume: --out must hold a run of this very configuration (what may differ: console and threads)."""
+    saved_path = out / "config.toml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {out} holds no run to resume (no config.toml); run without --resume")
+    try:
+        saved = load(str(saved_path), [])
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {saved_path} cannot be read: {e}") from None
+    ignore = {("run", "console"), ("run", "threads")}
+    diffs = []
+    for section in fields(resolved):
+        ours, theirs = getattr(resolved, section.name), getattr(saved, section.name)
+        for f in fields(ours):
+            if (section.name, f.name) not in ignore and getattr(ours, f.name) != getattr(theirs, f.name):
+                was, now = getattr(theirs, f.name), getattr(ours, f.name)
+                diffs.append(f"{section.name}.{f.name}: run has {was!r}, now {now!r}")
+    if diffs:
+        raise ConfigError(f"--resume: the configuration differs from the run in {out}: " + "; ".join(diffs[:5])
+                          + ("; ..." if len(diffs) > 5 else "") + " (resume with the run's own settings, or start "
+                          "a new --out)")
+
+
+def run_study(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
+    """The whole protocol. With `resume`, a killed run in the same --out continues: finished conditions and
+    phases are taken as they are and the interrupted phase continues from its last checkpoint."""
     p = plan(cfg)  # raises ConfigError before anything is written
     out = cfg.out_dir()
-    check_out(out, overwrite)
+    resolved = copy.deepcopy(cfg)
+    resolved.protocol.conditions, resolved.protocol.targets = list(p.conditions), [t.name for t in p.targets]
+    if resume:
+        check_resume(out, resolved)
+    else:
+        check_out(out, overwrite)
     task_data = TaskData(p.source, cfg.data, FeatureCache(feature_cache_dir(cfg)))
     where = "built in" if p.world else f"local files under {cfg.data.dir}" if cfg.data.dir else "the Hugging Face hub"
     say(f"[data] reading {p.source.name} ({where})")
@@ -619,19 +702,23 @@ def run_study(cfg: Config, overwrite: bool = False) -> dict:
         except (OSError, ValueError) as e:
             raise ConfigError(str(e)) from None
 
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = copy.deepcopy(cfg)
-    resolved.protocol.conditions, resolved.protocol.targets = list(p.conditions), [t.name for t in p.targets]
-    atomic_write_text(out / "config.toml", to_toml(resolved))
+    device = resolve_device(cfg.run.device)
+    d = distributed.setup(cfg.run.distributed, device.type)
+    device = distributed.device_for(d, device)
+    main = d.is_main  # rank 0 alone writes; the others train alongside it and wait at the phases' ends
+    if main:
+        if out.exists() and overwrite and not resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(out / "config.toml", to_toml(resolved))
+    distributed.barrier()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.run.device)
     bf16 = use_bf16(cfg.run, device)
 
-    pretrained, tokenizer, pre_info = pretrained_encoder(cfg, p, out, device, bf16)
+    pretrained, tokenizer, pre_info = pretrained_encoder(cfg, p, out, device, bf16, resume)
     dense_arch = pretrained.cfg
     pretrained = make_sparse(pretrained, cfg.model, phase_seed(cfg.run.seed, "upcycle"))
     seq_len = cfg.target.max_len
@@ -646,36 +733,57 @@ def run_study(cfg: Config, overwrite: bool = False) -> dict:
     phases: dict = {"pretrain": pre_info}
 
     for condition in p.conditions:
+        root = out / condition_folder(condition)
+        if (done := finished(root)) is not None:  # a resumed run: this condition was finished before
+            say(f"== condition {condition}: finished before, taken from {root / 'done.json'} ==")
+            scores[condition], suite_scores[condition] = done["scores"], done["suite"]
+            phases |= done["phases"]
+            continue
         say(f"== condition {condition} ==")
         handoff = Handoff(copy.deepcopy(pretrained), ("pretrained",))
-        root = out / condition_folder(condition)
+        condition_phases = {}
         if p.intermediate[condition]:  # Phase 2: English intermediate task(s)
             handoff, phase, info = intermediate_phase(handoff, condition, p, cfg, task_data, mlm_texts, root, bf16)
-            phases[f"{condition}/{phase}"] = info
+            condition_phases[f"{condition}/{phase}"] = info
 
         for group in p.groups:  # Phase 3: English target task, then zero-shot evaluation
-            model, stages = train_target(handoff.encoder, group, cfg, task_data, root, bf16)
-            for i, task in enumerate(group.targets):
-                evaluate_finetuned(model, task, p.languages[task.name], cfg, task_data, root)
-                info = dict(stages[task.name] if task.name in stages else stages[group.training.stages[-1]])
-                if len(group.training.stages) > 1:
-                    info["stages"] = stages
-                if i:
-                    info = {"model_from": group.targets[0].name}
-                phases[f"{condition}/{task.name}"] = info | {"lineage": list(handoff.lineage)}
-            del model
+            first = root / group.targets[0].name
+            group_phases = finished(first)
+            if group_phases is None:
+                model, stages = train_target(handoff.encoder, group, cfg, task_data, root, bf16)
+                group_phases = {}
+                for i, task in enumerate(group.targets):
+                    if main:  # rank 0 evaluates and writes; the others wait at mark_done's barrier
+                        evaluate_finetuned(model, task, p.languages[task.name], cfg, task_data, root)
+                    info = dict(stages[task.name] if task.name in stages else stages[group.training.stages[-1]])
+                    if len(group.training.stages) > 1:
+                        info["stages"] = stages
+                    if i:
+                        info = {"model_from": group.targets[0].name}
+                    group_phases[f"{condition}/{task.name}"] = info | {"lineage": list(handoff.lineage)}
+                del model
+                mark_done(first, group_phases, cfg.run)
+            condition_phases |= group_phases
+        if not main:
+            mark_done(root, {}, cfg.run)  # the barrier: rank 0 evaluates, scores and records the condition
+            continue
         for task in p.retrieval:
             info = evaluate_retrieval(handoff.encoder, task, p.languages[task.name], cfg, task_data, root)
-            phases[f"{condition}/{task.name}"] = info | {"lineage": list(handoff.lineage)}
+            condition_phases[f"{condition}/{task.name}"] = info | {"lineage": list(handoff.lineage)}
 
         overall, detailed = score_folders(root / "predictions", root / "labels", p.source.suite, partial=True)
         suite_scores[condition] = {**overall, **detailed}
         per_language = analysis.language_scores(detailed)
         scores[condition] = {t.name: per_language[t.name] for t in p.targets}
+        phases |= condition_phases
+        mark_done(root, {"scores": scores[condition], "suite": suite_scores[condition], "phases": condition_phases},
+                  cfg.run)
         for t in p.targets:
             row = scores[condition][t.name]
             say(f"[{condition}/{t.name}] " + " ".join(f"{lang} {v:.1f}" for lang, v in row.items()))
 
+    if not main:
+        return {}
     chance = {t.name: t.chance for t in p.targets}
     results = {
         "scores": scores,
@@ -692,7 +800,8 @@ def run_study(cfg: Config, overwrite: bool = False) -> dict:
                  "features_made": task_data.features.misses},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": str(device), "threads": torch.get_num_threads(), "bf16": bf16},
+                        "device": str(device), "threads": torch.get_num_threads(), "bf16": bf16,
+                        "world_size": d.world, "distributed": d.mode},
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     report = table(results, {t.name: t for t in p.targets})

@@ -1,4 +1,4 @@
-"""`python -m engine.train [--config FILE.toml] [--section.key value ...] [--out DIR] [--overwrite]`
+"""`python -m engine.train [--config FILE.toml] [--section.key value ...] [--out DIR] [--overwrite | --resume]`
 
 With no arguments: the embedded default, the whole three-phase protocol on the built-in synthetic
 multilingual suite with a tiny encoder, on CPU, in minutes. With a recipe (recipes/*.toml) and
@@ -16,6 +16,8 @@ options:
                        [target], [protocol], [eval]); see README.md
   --out DIR            output folder (default runs/<run.name>); it must be new or empty
   --overwrite          replace the earlier run held in --out
+  --resume             continue the killed run in --out (same configuration): finished conditions and phases
+                       are kept, the interrupted phase continues from its last checkpoint
   --section.key VALUE  override one setting, e.g. --target.epochs 2 --protocol.conditions baseline,syn-mnli
   --print-config       print the resolved configuration as TOML and exit
   -h, --help           this help
@@ -36,10 +38,10 @@ def parse_args(argv: list[str], flags: dict | None = None) -> tuple[str | None, 
         if arg == "--print-config":
             print_only, i = True, i + 1
             continue
-        if arg == "--overwrite":
+        if arg in ("--overwrite", "--resume"):
             if flags is None:
-                raise ConfigError("--overwrite is not an option here")
-            flags["overwrite"], i = True, i + 1
+                raise ConfigError(f"{arg} is not an option here")
+            flags[arg[2:]], i = True, i + 1
             continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options start with -- (see --help)")
@@ -65,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError, load, to_toml
     from .protocol import plan, run_study
+    from .trainer import NonFiniteTraining
 
     try:
-        flags = {"overwrite": False}
+        flags = {"overwrite": False, "resume": False}
         path, overrides, print_only = parse_args(sys.argv[1:] if argv is None else argv, flags)
         cfg = load(path, overrides)
         if print_only:
@@ -75,10 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg.protocol.conditions, cfg.protocol.targets = list(p.conditions), [t.name for t in p.targets]
             print(to_toml(cfg))
             return 0
-        run_study(cfg, overwrite=flags["overwrite"])
+        if flags["overwrite"] and flags["resume"]:
+            raise ConfigError("--overwrite and --resume: choose one")
+        run_study(cfg, overwrite=flags["overwrite"], resume=flags["resume"])
     except (ConfigError, DataUnavailable, FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTraining as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

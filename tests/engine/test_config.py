@@ -98,6 +98,12 @@ def test_window_settings_are_checked_per_task(tmp_path):
     ([("model.arch", "moe"), ("model.upcycle", "true")], "model.match: 'active' with an upcycled encoder needs"),
     ([("model.match", "both")], "model.match: 'both': expected one of active, total, none"),
     ([("data.max_train_rows", "-1")], "data.max_train_rows: must be >= 0"),
+    ([("model.arch", "moe"), ("model.top_k", "9")], "need experts >= 1 and 1 <= top_k <= experts"),
+    ([("model.arch", "moe"), ("model.moe_every", "7")], "model.moe_every: 7: expected 1..4"),
+    ([("run.distributed", "mpi")], "run.distributed: 'mpi'"),
+    ([("run.keep_checkpoints", "0")], "run.keep_checkpoints: must be >= 1"),
+    ([("target.micro_batches", "64")], r"target.micro_batches: must be in 1..batch_size \(32\)"),
+    ([("pretrain.mask_prob", "1.5")], "pretrain.mask_prob must be in"),
 ])
 def test_values_are_checked_before_any_work(tmp_path, overrides, message):
     """Every value is checked by plan(), which runs before anything is read, trained or written."""
