@@ -65,6 +65,7 @@ def parse_args(argv: list[str], flags: dict | None = None) -> tuple[str | None, 
 def main(argv: list[str] | None = None) -> int:
     from eval.loaders import DataUnavailable, FormatError
 
+    from . import distributed
     from .config import ConfigError, load, to_toml
     from .protocol import plan, run_study
     from .trainer import NonFiniteTraining
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if flags["overwrite"] and flags["resume"]:
             raise ConfigError("--overwrite and --resume: choose one")
         run_study(cfg, overwrite=flags["overwrite"], resume=flags["resume"])
+        distributed.shutdown()  # under torchrun: all ranks meet, then the process group closes cleanly
     except (ConfigError, DataUnavailable, FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
