@@ -29,13 +29,13 @@ import argparse
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .env import append_row, environment
+from .timing import timed_calls
 
 IMPLS = ("xlt_varlen", "xlt_padded", "sdpa_flash", "sdpa_efficient_mask", "sdpa_cudnn_mask", "sdpa_math_mask",
          "varlen_attn", "flash_attn")
@@ -161,22 +161,7 @@ def measure(impl: str, batch: Batch, mode: str, device: str, repeats: int, warmu
     fn = attention_fn(impl)
     qkv, extra, do = batch.inputs(impl)
     qkv = [t.detach().requires_grad_(mode == "fwd_bwd") for t in qkv]
-    out = None
-    for _ in range(warmup):
-        out = _call(fn, qkv, extra, do, mode)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = _call(fn, qkv, extra, do, mode)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = _call(fn, qkv, extra, do, mode)
-            times.append((time.perf_counter() - t0) * 1e3)
+    times, out = timed_calls(lambda: _call(fn, qkv, extra, do, mode), device, repeats, warmup)
     from kernels import attention_reference
     q, k, v = (t.detach().float() for t in batch.padded)
     ref = batch.real_rows("xlt_padded", attention_reference(q, k, v, batch.lengths))

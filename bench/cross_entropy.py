@@ -31,13 +31,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .env import append_row, environment
+from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, timed_calls
 
 IMPLS = ("xlt", "eager", "torch_lce", "liger")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,31 +122,15 @@ def measure(impl: str, size: tuple[int, int, int], dtype: torch.dtype, device: s
         _one_call(fn, inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
         for p in inputs[:3]:
             p.grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss = _one_call(fn, inputs)
-        peak = torch.cuda.max_memory_allocated() - base
-        method = "cuda max_memory_allocated - memory_allocated before the call"
+        peak, loss = cuda_peak_extra_bytes(lambda: _one_call(fn, inputs))
+        method = CUDA_MEMORY_METHOD
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         base = _proc_status_kib("VmRSS")
         loss = _one_call(fn, inputs)
         peak = (_proc_status_kib("VmHWM") - base) * 1024
         method = "fresh process: VmHWM - VmRSS around the first call (clear_refs reset)"
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _one_call(fn, inputs)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            _one_call(fn, inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
+    times, _ = timed_calls(lambda: _one_call(fn, inputs), device, repeats)
     row = {"time_ms": round(statistics.median(times), 3) if times else None, "repeats": repeats,
            "peak_extra_mib": round(peak / 2**20, 2), "memory_method": method, "loss": loss}
     if impl == "xlt":

@@ -12,6 +12,10 @@ import torch
 
 
 def git_commit() -> str:
+    """The checkout's short commit (+dirty); XLT_COMMIT where the tree was copied without .git (the GPU
+    machine: bench/gpu_check.sh is handed the commit by its caller)."""
+    if os.environ.get("XLT_COMMIT"):
+        return os.environ["XLT_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -57,8 +61,31 @@ def environment() -> dict:
     except ImportError:
         pass
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+        env |= gpu_info()
     return env
+
+
+def gpu_info() -> dict:
+    """The GPU a row ran on: name, CUDA, and through nvidia-ml-py (when installed) the driver, the clocks
+    at the time of the row (SM, memory; current and maximum, MHz) and the power limit (W)."""
+    info = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+            "gpu_sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    try:
+        import pynvml
+    except ImportError:
+        return info | {"nvml": "nvidia-ml-py not installed"}
+    try:
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        info |= {"driver": pynvml.nvmlSystemGetDriverVersion(),
+                 "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                 "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                 "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                 "mem_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                 "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000}
+    except Exception as e:  # NVML missing or refused in a sandbox: the row says so instead of failing
+        info["nvml"] = f"{type(e).__name__}: {e}"
+    return info
 
 
 def append_row(path: Path, row: dict, show: tuple[str, ...]) -> None:

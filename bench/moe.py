@@ -6,16 +6,17 @@ of the layer's time.
     python -m bench.moe [--device cpu|cuda] [--out bench/results/moe_<device>.jsonl] [--tiny]
                         [--tokens N --hidden H --ffn F --experts E --top-k K --dtype fp32|bf16]
 
-Appends one JSONL row per variant with the environment (bench/env.py). Defaults are the GPU target
+Appends one JSONL row per variant with the environment (bench/env.py). Time and memory follow
+bench/README.md through bench/timing.py: the median of `--repeats` calls after warm-up calls, timed with
+CUDA events on a GPU (perf_counter on CPU); on CUDA, `peak_extra_mib` is the peak allocated during one
+forward+backward beyond what was allocated before it (no memory figure on CPU). Defaults are the GPU target
 shape (H=1024, F=4096, E=8, k=2, 16k tokens); --tiny is a seconds-long CPU smoke run. A variant that
 cannot run here (no CUDA for Triton, no megablocks, an unsupported _grouped_mm) gets a row with `skipped`.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from models.ffn import FeedForward
 from models.moe import MoEFeedForward
 
 from .env import append_row, environment
+from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, median_ms
+
+WARMUP = 2  # untimed calls first: Triton compiles, cuBLAS picks its kernels
 
 
 class _GroupedMMMoE(MoEFeedForward):
@@ -36,25 +40,6 @@ class _GroupedMMMoE(MoEFeedForward):
         rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x_sorted.device), tokens_per_expert)
         h = torch._grouped_mm(x_sorted, self.w_up.transpose(1, 2), offs=offs) + self.b_up[rows]
         return torch._grouped_mm(F.gelu(h), self.w_down.transpose(1, 2), offs=offs) + self.b_down[rows]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, repeats, warmup=2):
-    """Median seconds of fn() over repeats, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _fwd_bwd(layer, x, dy):
@@ -114,15 +99,19 @@ def run(args) -> list[dict]:
         row = {"bench": "moe", **environment(), **shape, "variant": name}
         try:
             layer = make().to(device=device, dtype=dtype)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sec = _time(_fwd_bwd(layer, x, dy), device, args.repeats)
-            row.update(ms_fwd_bwd=round(sec * 1e3, 3), tokens_per_s=round(T / sec, 1),
-                       peak_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                       if device.type == "cuda" else None)
+            step = _fwd_bwd(layer, x, dy)
+            ms = median_ms(step, device, args.repeats, warmup=WARMUP)
+            row.update(ms_fwd_bwd=round(ms, 3), tokens_per_s=round(T / (ms * 1e-3), 1), repeats=args.repeats)
+            if device.type == "cuda":  # one more call, after the warm-up, from no gradients held
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                peak, _ = cuda_peak_extra_bytes(step)
+                row.update(peak_extra_mib=round(peak / 2**20, 1), memory_method=CUDA_MEMORY_METHOD)
             if isinstance(layer, MoEFeedForward) and not isinstance(layer, _GroupedMMMoE):
-                rsec = _time(_routing_step(layer, x, dy), device, args.repeats)
-                row.update(routing_ms=round(rsec * 1e3, 3), routing_share=round(rsec / sec, 4))
+                rms = median_ms(_routing_step(layer, x, dy), device, args.repeats, warmup=WARMUP)
+                row.update(routing_ms=round(rms, 3), routing_share=round(rms / ms, 4))
+            del layer, step
+            x.grad = None
         except Exception as e:  # an anchor that cannot run here is reported, not fatal  # noqa: BLE001
             row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         rows.append(row)
@@ -152,7 +141,7 @@ def main(argv=None) -> int:
     rows = run(args)
     out = Path(args.out or f"bench/results/moe_{args.device}.jsonl")
     for row in rows:
-        append_row(out, row, ("variant", "ms_fwd_bwd", "tokens_per_s", "peak_mem_mb", "routing_share"))
+        append_row(out, row, ("variant", "ms_fwd_bwd", "tokens_per_s", "peak_extra_mib", "routing_share"))
     return 0
 
 

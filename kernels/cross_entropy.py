@@ -9,7 +9,10 @@ Layers, as in DESIGN.md:
 - `_ce_rows_kernel` (Triton): one program per row; an online softmax in fp32 over vocabulary tiles gives
   the row's logsumexp, the target logit is read on its own in fp32 (so a bf16 gradient store cannot
   cancel it), and a second sweep writes d(loss)/d(logits) into a gradient buffer, which may be the logits
-  buffer itself (Liger-Kernel's trick: the forward leaves the gradient where the logits were).
+  buffer itself (Liger-Kernel's trick: the forward leaves the gradient where the logits were) when that
+  buffer belongs to the op: a chunk of `linear_cross_entropy`'s logits, or `cross_entropy`'s contiguous
+  copy of strided logits. A caller's logits are never overwritten: a Triton store bumps no version
+  counter, so autograd could not tell that another use of them in the graph now reads a gradient.
 - host functions `cross_entropy_forward/backward` and `linear_cross_entropy_forward/backward`, and one
   autograd Function per op. `linear_cross_entropy` walks the rows in chunks (`chunk_rows`): per chunk the
   logits are projected, turned into their gradient in place, and consumed at once into grad hidden,
@@ -231,12 +234,15 @@ def _once(ctx, op):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, lse_square_scale, reduction, inplace_grad):
+    def forward(ctx, logits, target, ignore_index, label_smoothing, lse_square_scale, reduction):
+        x = logits if logits.stride(1) == 1 else logits.contiguous()
         grad_out = None
         if ctx.needs_input_grad[0]:
-            grad_out = logits if inplace_grad else torch.empty_like(logits)
-        loss = cross_entropy_forward(logits, target, ignore_index, label_smoothing, lse_square_scale,
-                                     reduction, grad_out)
+            # Only a buffer this Function owns takes the gradient: its own contiguous copy (in place, no extra
+            # N x V), else a new one. The caller's logits may be read elsewhere in the graph.
+            grad_out = x if x.data_ptr() != logits.data_ptr() else torch.empty_like(x)
+        loss = cross_entropy_forward(x, target, ignore_index, label_smoothing, lse_square_scale, reduction,
+                                     grad_out)
         ctx.save_for_backward(grad_out)
         return loss
 
@@ -244,24 +250,18 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         _once(ctx, "cross_entropy")
         (dlogits,) = ctx.saved_tensors
-        return cross_entropy_backward(dlogits, grad_output), None, None, None, None, None, None
+        return cross_entropy_backward(dlogits, grad_output), None, None, None, None, None
 
 
 def _cross_entropy_triton(logits, target, *, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
-                          reduction="mean", inplace_grad=False):
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()  # then an in-place gradient lands in this copy: correct, no saving
-    return CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing, lse_square_scale,
-                                      reduction, inplace_grad)
+                          reduction="mean"):
+    return CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing, lse_square_scale, reduction)
 
 
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
-                  reduction="mean", backend="auto", inplace_grad=False):
-    """Cross-entropy from logits (N, V) and int targets (N,); see module docstring for options.
-
-    inplace_grad (Triton path): the forward overwrites `logits` with its gradient, saving one N x V
-    buffer; only for logits nothing else reads afterwards.
-    """
+                  reduction="mean", backend="auto"):
+    """Cross-entropy from logits (N, V) and int targets (N,); see module docstring for options. The
+    logits are never modified (the Triton path writes its gradient into a buffer of its own)."""
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be 2-D (N, V), got {tuple(logits.shape)}")
     _check_options("cross_entropy", logits.shape, target, ignore_index, label_smoothing, lse_square_scale,
@@ -270,8 +270,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, lse
     if dispatch.resolve("cross_entropy", backend, logits.device) == "triton":
         return dispatch.triton_impl("cross_entropy")(logits, target, ignore_index=ignore_index,
                                                      label_smoothing=label_smoothing,
-                                                     lse_square_scale=lse_square_scale, reduction=reduction,
-                                                     inplace_grad=inplace_grad)
+                                                     lse_square_scale=lse_square_scale, reduction=reduction)
     return cross_entropy_reference(logits, target, ignore_index, label_smoothing, lse_square_scale, reduction)
 
 

@@ -177,12 +177,15 @@ if triton is not None:
     @triton.jit
     def _route_fwd_kernel(x_ptr, ids_ptr, w_ptr, probsum_ptr, lse_ptr, counts_ptr, T, E,
                           K: tl.constexpr, MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # Column sums of probs and expert counts go to this block's row of (blocks, E) partials, which the
+        # host sums in a fixed order: no float atomics, so the balance loss is bit-reproducible on a GPU.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < T
         cmask = cols < E
         m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         x = tl.where(cmask[None, :], x, float("-inf"))
         mx = tl.max(x, 1)
         ex = tl.exp(x - mx[:, None])
@@ -195,7 +198,7 @@ if triton is not None:
         else:
             probs = ex / ssum[:, None]
             score = probs
-        tl.atomic_add(probsum_ptr + cols, tl.sum(tl.where(m2, probs, 0.0), 0), mask=cmask)
+        tl.store(probsum_ptr + pid * E + cols, tl.sum(tl.where(m2, probs, 0.0), 0), mask=cmask)
         # Top-k by repeated argmax (ties go to the lower index); `chosen` marks the k picks per row.
         sel = tl.where(cmask[None, :], score, float("-inf"))
         chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
@@ -205,7 +208,7 @@ if triton is not None:
             chosen = chosen | hit
             sel = tl.where(hit, float("-inf"), sel)
             tl.store(ids_ptr + rows * K + j, best.to(tl.int64), mask=rmask)
-            tl.atomic_add(counts_ptr + best, 1, mask=rmask)
+        tl.store(counts_ptr + pid * E + cols, tl.sum((chosen & rmask[:, None]).to(tl.int32), 0), mask=cmask)
         if MODE == 0:
             wmat = probs
         elif MODE == 1:  # softmax over the chosen logits only; mx is the top-1 logit
@@ -231,7 +234,7 @@ if triton is not None:
         rmask = rows < T
         cmask = cols < E
         m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         x = tl.where(cmask[None, :], x, float("-inf"))
         mx = tl.max(x, 1)
         ex = tl.exp(x - mx[:, None])
@@ -264,10 +267,12 @@ if triton is not None:
                 g = c + tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
                 dx += wm * (dwm - wdw)
             dx += p * (g - tl.sum(p * g, 1)[:, None])
-        tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx, mask=m2)
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], dx, mask=m2)
+
+    _ROUTE_BLOCK_T = 16
 
     def _route_grid(T):
-        return (triton.cdiv(max(T, 1), 16),)
+        return (triton.cdiv(max(T, 1), _ROUTE_BLOCK_T),)
 
     class _RouteFn(torch.autograd.Function):
         @staticmethod
@@ -277,13 +282,14 @@ if triton is not None:
             dev = x.device
             ids = torch.empty((T, top_k), dtype=torch.int64, device=dev)
             w = torch.empty((T, top_k), dtype=torch.float32, device=dev)
-            probsum = torch.zeros(E, dtype=torch.float32, device=dev)
+            nb = _route_grid(T)[0]
+            probsum = torch.zeros((nb, E), dtype=torch.float32, device=dev)  # per-block partials
             lse = torch.empty(T, dtype=torch.float32, device=dev)
-            counts = torch.zeros(E, dtype=torch.int32, device=dev)
+            counts = torch.zeros((nb, E), dtype=torch.int32, device=dev)
             if T > 0:
-                _route_fwd_kernel[_route_grid(T)](x, ids, w, probsum, lse, counts, T, E, K=top_k,
-                                                  MODE=_MODE_ID[mode], BLOCK_T=16,
-                                                  BLOCK_E=triton.next_power_of_2(E))
+                _route_fwd_kernel[(nb,)](x, ids, w, probsum, lse, counts, T, E, K=top_k, MODE=_MODE_ID[mode],
+                                         BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=triton.next_power_of_2(E))
+            probsum, counts = probsum.sum(0), counts.sum(0)  # a fixed summation order: reproducible
             ctx.save_for_backward(x, ids, w)
             ctx.mode = mode
             ctx.mark_non_differentiable(ids, counts)
@@ -299,7 +305,7 @@ if triton is not None:
             dx = torch.empty((T, E), dtype=torch.float32, device=x.device)
             if T > 0:
                 _route_bwd_kernel[_route_grid(T)](x, ids, w, dw, dprobsum, dlse, dx, T, E, K=ids.shape[1],
-                                                  MODE=_MODE_ID[ctx.mode], BLOCK_T=16,
+                                                  MODE=_MODE_ID[ctx.mode], BLOCK_T=_ROUTE_BLOCK_T,
                                                   BLOCK_E=triton.next_power_of_2(E))
             return dx.to(x.dtype), None, None
 
@@ -341,14 +347,17 @@ if triton is not None:
         tl.store(pos_ptr + i, tl.where(keep, pos, -1), mask=valid)
         tl.store(order_ptr + pos, i.to(tl.int64), mask=keep)
 
+    # Row offsets below are int64: rows * H passes 2**31 at T*k*H >= 2**31 (e.g. 128k tokens, k=4, H=4096), and
+    # int32 arithmetic would wrap to a negative offset. Tokens and positions loaded from int64 tensors are
+    # int64 already; row indices made from program ids are cast.
     @triton.jit
     def _gather_rows_kernel(src_ptr, order_ptr, out_ptr, R, H, K: tl.constexpr, BLOCK_R: tl.constexpr,
                             BLOCK_H: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         rmask = r < R
         m2 = rmask[:, None] & (h[None, :] < H)
-        tok = tl.load(order_ptr + r, mask=rmask, other=0) // K
+        tok = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64) // K
         v = tl.load(src_ptr + tok[:, None] * H + h[None, :], mask=m2, other=0.0)
         tl.store(out_ptr + r[:, None] * H + h[None, :], v, mask=m2)
 
@@ -357,13 +366,13 @@ if triton is not None:
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         # out[t] = sum_j w[t, j] * src[pos[t, j]]: the combine (HAS_W) and the permute's backward. Each
         # token reads its own k rows, so no atomics are needed.
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         tmask = t < T
         hmask = h[None, :] < H
         acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
         for j in tl.static_range(K):
-            p = tl.load(pos_ptr + t * K + j, mask=tmask, other=-1)
+            p = tl.load(pos_ptr + t * K + j, mask=tmask, other=-1).to(tl.int64)
             live = tmask & (p >= 0)
             v = tl.load(src_ptr + p[:, None] * H + h[None, :], mask=live[:, None] & hmask, other=0.0).to(tl.float32)
             if HAS_W:
@@ -374,21 +383,24 @@ if triton is not None:
     @triton.jit
     def _unpermute_bwd_kernel(dout_ptr, y_ptr, pos_ptr, w_ptr, dy_ptr, dw_ptr, T, H, K: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # dy[pos[t, j]] = w[t, j] * dout[t]; dw[t, j] = <dout[t], y[pos[t, j]]>, this program's BLOCK_H
+        # columns of it into row program_id(1) of the (column blocks, T*k) partials (summed on the host:
+        # no atomics).
+        pid_h = tl.program_id(1)
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         tmask = t < T
+        hmask = h[None, :] < H
+        d = tl.load(dout_ptr + t[:, None] * H + h[None, :], mask=tmask[:, None] & hmask, other=0.0).to(tl.float32)
         for j in tl.static_range(K):
-            p = tl.load(pos_ptr + t * K + j, mask=tmask, other=-1)
+            p = tl.load(pos_ptr + t * K + j, mask=tmask, other=-1).to(tl.int64)
             live = tmask & (p >= 0)
+            m2 = live[:, None] & hmask
             w = tl.load(w_ptr + t * K + j, mask=live, other=0.0).to(tl.float32)
-            dw = tl.zeros((BLOCK_T,), tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h = h0 + tl.arange(0, BLOCK_H)
-                m2 = live[:, None] & (h[None, :] < H)
-                d = tl.load(dout_ptr + t[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-                y = tl.load(y_ptr + p[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
-                tl.store(dy_ptr + p[:, None] * H + h[None, :], w[:, None] * d, mask=m2)
-                dw += tl.sum(d * y, 1)
-            tl.store(dw_ptr + t * K + j, dw, mask=tmask)
+            y = tl.load(y_ptr + p[:, None] * H + h[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + p[:, None] * H + h[None, :], w[:, None] * d, mask=m2)
+            tl.store(dw_ptr + pid_h.to(tl.int64) * T * K + t * K + j, tl.sum(tl.where(m2, d * y, 0.0), 1),
+                     mask=tmask)
 
     def _block_h(H):
         return min(64, triton.next_power_of_2(max(H, 16)))
@@ -439,12 +451,14 @@ if triton is not None:
             y, weights, positions = ctx.saved_tensors
             T, k = weights.shape
             dout = dout.contiguous()
+            H = y.shape[1]
             dy = torch.zeros_like(y)
-            dw = torch.empty((T, k), dtype=torch.float32, device=y.device)
-            if T > 0:
-                _unpermute_bwd_kernel[(triton.cdiv(T, 32),)](dout, y, positions, weights, dy, dw, T, y.shape[1],
-                                                             K=k, BLOCK_T=32, BLOCK_H=_block_h(y.shape[1]))
-            return dy, dw.to(weights.dtype), None
+            nh = triton.cdiv(max(H, 1), _block_h(H))
+            dw = torch.zeros((nh, T, k), dtype=torch.float32, device=y.device)  # per column-block partials
+            if T > 0 and H > 0:
+                _unpermute_bwd_kernel[(triton.cdiv(T, 32), nh)](dout, y, positions, weights, dy, dw, T, H, K=k,
+                                                                BLOCK_T=32, BLOCK_H=_block_h(H))
+            return dy, dw.sum(0).to(weights.dtype), None
 
     def _permute_triton(x, expert_ids, num_experts, capacity=None):
         T, k = expert_ids.shape

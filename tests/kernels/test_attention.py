@@ -16,10 +16,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 def _qkv(shape, dtype, g):
     return [torch.randn(shape, generator=g).to(dtype).requires_grad_() for _ in range(3)]
 
@@ -44,8 +40,8 @@ def _pack(x, lengths):
 
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_padded_forward_backward_match_float64(D, dtype):
-    g = _gen()
+def test_padded_forward_backward_match_float64(gen, D, dtype):
+    g = gen
     dt = DTYPES[dtype]
     B, H, S = len(LENGTHS), 1, max(LENGTHS)
     q, k, v = _qkv((B, H, S, D), dt, g)
@@ -63,8 +59,8 @@ def test_padded_forward_backward_match_float64(D, dtype):
 
 
 @pytest.mark.parametrize("D", [32, 40, 64, 128])  # 40: a head dim that is not a power of two
-def test_causal_and_softmax_scale_match_float64(D):
-    g = _gen()
+def test_causal_and_softmax_scale_match_float64(gen, D):
+    g = gen
     B, H, S = 3, 2, 130
     q, k, v = _qkv((B, H, S, D), torch.float32, g)
     lengths = torch.tensor([130, 65, 1])
@@ -79,8 +75,8 @@ def test_causal_and_softmax_scale_match_float64(D):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_packed_matches_float64_and_the_padded_layout(causal):
-    g = _gen()
+def test_packed_matches_float64_and_the_padded_layout(gen, causal):
+    g = gen
     lengths = [65, 0, 200, 1, 64, 63]  # a length 0 gives no rows and must not disturb its neighbours
     B, H, S, D = len(lengths), 2, max(lengths), 64
     q, k, v = _qkv((B, H, S, D), torch.float32, g)
@@ -106,8 +102,8 @@ def test_packed_matches_float64_and_the_padded_layout(causal):
         _close(pg, _pack(rg, lengths), torch.float32, f"packed d{name}")
 
 
-def test_zero_lengths_give_zeros_and_no_nan():
-    g = _gen()
+def test_zero_lengths_give_zeros_and_no_nan(gen):
+    g = gen
     q, k, v = _qkv((2, 2, 40, 32), torch.float32, g)
     out = kernels.attention(q, k, v, lengths=torch.tensor([0, 0]), backend="triton")
     assert torch.equal(out, torch.zeros_like(out))
@@ -118,8 +114,8 @@ def test_zero_lengths_give_zeros_and_no_nan():
     assert empty.shape == (0, 2, 32)
 
 
-def test_log_sum_exp_is_saved_and_strided_inputs_work():
-    g = _gen()
+def test_log_sum_exp_is_saved_and_strided_inputs_work(gen):
+    g = gen
     B, H, S, D = 3, 2, 40, 32
     # q, k, v as views of one (B, S, 3, H, D) projection, as an encoder makes them: not contiguous
     qkv = torch.randn(B, S, 3, H, D, generator=g).requires_grad_()
@@ -143,8 +139,8 @@ def test_log_sum_exp_is_saved_and_strided_inputs_work():
 
 # ----- dropout -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_keep_rate(p):
-    seed = int(torch.randint(0, 2**62, (), generator=_gen()))
+def test_dropout_keep_rate(gen, p):
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
     B, H, S = 2, 3, 200
     mask = dropout_mask(seed, B, H, S, p)
     n = mask[0, 0].numel()
@@ -158,8 +154,8 @@ def test_dropout_keep_rate(p):
     assert not torch.equal(mask, dropout_mask(seed + 1, B, H, S, p))
 
 
-def test_dropout_same_seed_same_result_and_seed_matters():
-    g = _gen()
+def test_dropout_same_seed_same_result_and_seed_matters(gen):
+    g = gen
     q, k, v = _qkv((2, 2, 70, 32), torch.float32, g)
     lengths = torch.tensor([70, 33])
     do = torch.randn(2, 2, 70, 32, generator=g)
@@ -178,8 +174,8 @@ def test_dropout_same_seed_same_result_and_seed_matters():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_output_and_gradients_match_float64_with_the_same_mask(causal):
-    g = _gen()
+def test_dropout_output_and_gradients_match_float64_with_the_same_mask(gen, causal):
+    g = gen
     p, seed = 0.2, int(torch.randint(0, 2**62, (), generator=g))
     lengths = [65, 130, 1]
     B, H, S, D = len(lengths), 2, max(lengths), 32
@@ -202,8 +198,8 @@ def test_dropout_output_and_gradients_match_float64_with_the_same_mask(causal):
     assert not torch.allclose(out, kernels.attention(q, k, v, lengths=lens, causal=causal, backend="triton"))
 
 
-def test_twin_dropout_with_seed_is_reproducible():
-    g = _gen()
+def test_twin_dropout_with_seed_is_reproducible(gen):
+    g = gen
     q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
     a = kernels.attention(q, k, v, dropout_p=0.5, seed=3)
     assert torch.equal(a, kernels.attention(q, k, v, dropout_p=0.5, seed=3))

@@ -14,10 +14,6 @@ BACKENDS = ["torch", "triton"]
 OPTIONS = [dict(), dict(label_smoothing=0.1, lse_square_scale=1e-2), dict(ignore_index=3, label_smoothing=1.0)]
 
 
-def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 def _targets(g, n, v, ignore_index=-100):
     t = torch.randint(0, v, (n,), generator=g)
     t[torch.rand(n, generator=g) < 0.2] = ignore_index
@@ -43,8 +39,8 @@ def _grad_output(g, loss):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "smooth+z", "ignore3+smooth1"])
-def test_cross_entropy_matches_torch(backend, reduction, opts):
-    g = _gen()
+def test_cross_entropy_matches_torch(gen, backend, reduction, opts):
+    g = gen
     N, V = 47, 123
     logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
     target = _targets(g, N, V, opts.get("ignore_index", -100))
@@ -60,10 +56,10 @@ def test_cross_entropy_matches_torch(backend, reduction, opts):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_logits_at_minus_infinity(backend):
+def test_masked_logits_at_minus_infinity(gen, backend):
     """Logits masked with -inf (in-batch negatives that are copies of the positive) give the loss and the
     gradient of the unmasked columns alone, not NaN (the label-smoothing term is skipped when it is off)."""
-    g = _gen()
+    g = gen
     N, V = 9, 70
     logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
     target = torch.randint(0, V, (N,), generator=g)
@@ -82,8 +78,8 @@ def test_masked_logits_at_minus_infinity(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cross_entropy_low_precision_inputs(dtype):
-    g = _gen()
+def test_cross_entropy_low_precision_inputs(gen, dtype):
+    g = gen
     N, V = 33, 200
     logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
     target = _targets(g, N, V)
@@ -100,23 +96,59 @@ def test_cross_entropy_low_precision_inputs(dtype):
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=1e-7, rtol=ulp)
 
 
-def test_cross_entropy_inplace_grad_reuses_the_logits_buffer():
-    g = _gen()
-    N, V = 21, 77
-    logits = torch.randn(N, V, generator=g)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_used_elsewhere_in_the_graph_are_not_overwritten(gen, backend, layout, reduction):
+    """The Triton forward writes its gradient into a buffer of its own, never the caller's logits: with the
+    logits also read by another op (before and after the loss), the gradient is the reference's and the
+    logits keep their values. (A Triton store bumps no version counter, so autograd could not catch it.)
+    Strided logits: the op's contiguous copy takes the gradient in place; the caller's tensor stays as is."""
+    g = gen
+    N, V = 19, 53
+    h = torch.randn(N, 8, generator=g, requires_grad=True)
+    w = torch.randn(V if layout == "contiguous" else 2 * V, 8, generator=g)
     target = _targets(g, N, V)
-    x = logits.clone().requires_grad_()
-    loss = kernels.cross_entropy(x, target, reduction="sum", backend="triton", inplace_grad=True)
-    ref_x = logits.double().requires_grad_()
-    ref = _oracle(ref_x, target, reduction="sum")
+    logits = h @ w.t()  # a non-leaf, as a model makes them
+    if layout == "strided":
+        logits = logits[:, ::2]
+    before = logits.detach().clone()
+    square = (logits ** 2).sum()  # saved logits, read by the backward
+    ce_loss = kernels.cross_entropy(logits, target, reduction=reduction, backend=backend).sum()
+    later = (logits * logits.detach()).sum()  # a later read of the same tensor (values and graph)
+    assert torch.equal(logits.detach(), before)
+    (ce_loss + 0.1 * square + 0.3 * later).backward()
+    h64 = h.detach().double().requires_grad_()
+    ref_logits = h64 @ w.double().t()
+    if layout == "strided":
+        ref_logits = ref_logits[:, ::2]
+    ref = (_oracle(ref_logits, target, reduction=reduction).sum() + 0.1 * (ref_logits ** 2).sum()
+           + 0.3 * (ref_logits * ref_logits.detach()).sum())
     ref.backward()
-    torch.testing.assert_close(x.detach().double(), ref_x.grad, atol=1e-6, rtol=1e-5)  # gradient, in place
-    (3.0 * loss).backward()
-    torch.testing.assert_close(x.grad.double(), 3.0 * ref_x.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(later.double(), (ref_logits.detach() ** 2).sum(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_entropy_full_xlmr_vocabulary():
-    g = _gen()
+def test_strided_logits_gradient_lands_in_the_ops_own_copy(gen):
+    """For strided logits the Triton path copies them once and writes the gradient over that copy: the
+    gradient handed back is that buffer (no second N x V), and it is the reference's gradient."""
+    g = gen
+    base = torch.randn(17, 2 * 40, generator=g)
+    x = base[:, ::2].requires_grad_()  # a strided leaf
+    target = _targets(g, 17, 40)
+    loss = kernels.cross_entropy(x, target, reduction="sum", backend="triton")
+    fn = loss.grad_fn
+    (saved,) = fn.saved_tensors
+    assert saved.is_contiguous() and saved.data_ptr() != x.data_ptr()
+    loss.backward()
+    ref_x = x.detach().double().requires_grad_()
+    _oracle(ref_x, target, reduction="sum").backward()
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=1e-6, rtol=1e-5)
+    assert torch.equal(x.detach(), base[:, ::2])
+
+
+def test_cross_entropy_full_xlmr_vocabulary(gen):
+    g = gen
     N, V = 3, 250_002
     logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
     target = torch.tensor([0, V - 1, int(torch.randint(0, V, (1,), generator=g))])
@@ -133,8 +165,8 @@ def test_cross_entropy_full_xlmr_vocabulary():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_zero_grads(backend, reduction):
-    g = _gen()
+def test_all_ignored_gives_zero_loss_and_zero_grads(gen, backend, reduction):
+    g = gen
     x = torch.randn(6, 9, generator=g, requires_grad=True)
     target = torch.full((6,), -100)
     loss = kernels.cross_entropy(x, target, lse_square_scale=1e-2, reduction=reduction, backend=backend)
@@ -165,10 +197,10 @@ def test_no_rows_at_all(backend):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS[:2], ids=["plain", "smooth+z"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_linear_cross_entropy_matches_torch(backend, reduction, opts, with_bias, monkeypatch):
+def test_linear_cross_entropy_matches_torch(gen, backend, reduction, opts, with_bias, monkeypatch):
     monkeypatch.setattr(ce, "MIN_CHUNK_ROWS", 8)  # N=47 in chunks of 16: 3 chunks, the last one partial
     monkeypatch.setattr(ce, "MIN_CHUNK_LOGITS", 0)
-    g = _gen()
+    g = gen
     N, H, V = 47, 31, 123
     assert ce.chunk_rows(N, H, V) == 16
     h64, w64 = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
@@ -191,10 +223,10 @@ def test_linear_cross_entropy_matches_torch(backend, reduction, opts, with_bias,
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_cross_entropy_low_precision_inputs(dtype, backend, monkeypatch):
+def test_linear_cross_entropy_low_precision_inputs(gen, dtype, backend, monkeypatch):
     monkeypatch.setattr(ce, "MIN_CHUNK_ROWS", 4)
     monkeypatch.setattr(ce, "MIN_CHUNK_LOGITS", 0)
-    g = _gen()
+    g = gen
     N, H, V = 29, 24, 70
     h, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((N, H), (V, H), (V,)))
     target = _targets(g, N, V)
@@ -213,8 +245,8 @@ def test_linear_cross_entropy_low_precision_inputs(dtype, backend, monkeypatch):
         torch.testing.assert_close(ours_g.double(), ref_g, atol=(2 * tol + 2.0 ** -7) * scale, rtol=0)
 
 
-def test_weight_grad_accumulates_in_fp32():
-    g = _gen()
+def test_weight_grad_accumulates_in_fp32(gen):
+    g = gen
     N, H, V = 12, 8, 20
     h, w = torch.randn(N, H, generator=g).bfloat16(), torch.randn(V, H, generator=g).bfloat16()
     target = _targets(g, N, V)
@@ -224,8 +256,8 @@ def test_weight_grad_accumulates_in_fp32():
         assert dh.dtype == torch.bfloat16 and dw.dtype == torch.float32 and db is None
 
 
-def test_linear_cross_entropy_full_xlmr_vocabulary():
-    g = _gen()
+def test_linear_cross_entropy_full_xlmr_vocabulary(gen):
+    g = gen
     N, H, V = 4, 16, 250_002
     h64, w64 = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
     b64 = torch.randn(V, generator=g, dtype=torch.float64)
@@ -243,8 +275,8 @@ def test_linear_cross_entropy_full_xlmr_vocabulary():
             torch.testing.assert_close(ours_g.double(), ref_g, atol=1e-4 * ref_g.abs().max().item(), rtol=1e-4)
 
 
-def test_linear_cross_entropy_under_cpu_autocast_like_the_engine():
-    g = _gen()
+def test_linear_cross_entropy_under_cpu_autocast_like_the_engine(gen):
+    g = gen
     N, H, V = 40, 32, 300
     h = torch.randn(N, H, generator=g, requires_grad=True)
     w = torch.randn(V, H, generator=g, requires_grad=True)
@@ -273,10 +305,10 @@ def _peak_cpu_bytes(fn):
     return peak
 
 
-def test_twin_never_materialises_the_full_logits(monkeypatch):
+def test_twin_never_materialises_the_full_logits(gen, monkeypatch):
     monkeypatch.setattr(ce, "MIN_CHUNK_ROWS", 16)
     monkeypatch.setattr(ce, "MIN_CHUNK_LOGITS", 0)
-    g = _gen()
+    g = gen
     N, H, V = 1024, 16, 4096
     h = torch.randn(N, H, generator=g, requires_grad=True)
     w = torch.randn(V, H, generator=g, requires_grad=True)
@@ -320,9 +352,9 @@ def test_unchecked_kernel_path_marks_bad_targets_with_nan():
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
 
 
-def test_second_backward_through_one_graph_is_refused():
+def test_second_backward_through_one_graph_is_refused(gen):
     # the forward's gradient is scaled in place by the first backward; a second one must not reuse it
-    g = _gen()
+    g = gen
     x = torch.randn(4, 5, generator=g, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3])
     loss = kernels.cross_entropy(x, target, backend="triton")

@@ -1,4 +1,9 @@
 """MoE kernels (Triton under the interpreter) and their twins against per-token float64 loops."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,10 +12,6 @@ import kernels
 from kernels import moe
 
 BACKENDS = ["torch", "triton"]
-
-
-def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
 
 
 def _tie_free(T, E, g, scale=2.0):
@@ -51,8 +52,8 @@ def _route64(logits, ids, mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "sigmoid"])
 @pytest.mark.parametrize("E,k", [(1, 1), (4, 2), (8, 1), (64, 2)])
-def test_route_matches_loop_with_gradients(backend, mode, E, k):
-    g = _gen()
+def test_route_matches_loop_with_gradients(gen, backend, mode, E, k):
+    g = gen
     T = 21
     logits = _tie_free(T, E, g)
     if E >= 4:
@@ -76,8 +77,8 @@ def test_route_matches_loop_with_gradients(backend, mode, E, k):
 
 
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "sigmoid"])
-def test_route_all_tokens_to_one_expert(mode):
-    g = _gen()
+def test_route_all_tokens_to_one_expert(gen, mode):
+    g = gen
     T, E, k = 19, 8, 2
     logits = _tie_free(T, E, g)
     logits[:, 5] += 20.0
@@ -87,6 +88,79 @@ def test_route_all_tokens_to_one_expert(mode):
     ref = kernels.moe_route(logits, k, mode=mode, backend="torch")
     assert torch.equal(r.expert_ids, ref.expert_ids)
     torch.testing.assert_close(r.weights, ref.weights)
+
+
+@pytest.mark.parametrize("mode", ["softmax_topk", "sigmoid"])
+def test_route_is_bit_reproducible_and_uses_no_atomics(gen, mode):
+    """The balance loss's column sums and the expert counts are per-block partials summed in a fixed order
+    (no float atomics, whose addition order varies between GPU runs): repeated calls agree bit for bit and
+    equal the twin. On CPU the interpreter runs programs one at a time, so a race cannot show here; the
+    kernel source is checked for atomics too (the GPU runs of test_cuda.py repeat the bit-equality)."""
+    import inspect
+    g = gen
+    T, E, k = 100, 8, 2  # 7 blocks of 16 tokens, the last one partial
+    logits = _tie_free(T, E, g).requires_grad_()
+    runs = []
+    for _ in range(3):
+        r = kernels.moe_route(logits, k, mode=mode, backend="triton")
+        grad = torch.autograd.grad(r.balance_loss + 0.1 * r.z_loss, logits)[0]
+        runs.append((r.expert_ids, r.weights, r.tokens_per_expert, r.balance_loss, r.z_loss, grad))
+    for again in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
+    ref = kernels.moe_route(logits, k, mode=mode, backend="torch")
+    assert torch.equal(runs[0][0], ref.expert_ids) and torch.equal(runs[0][2], ref.tokens_per_expert)
+    torch.testing.assert_close(runs[0][3], ref.balance_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(runs[0][5], torch.autograd.grad(ref.balance_loss + 0.1 * ref.z_loss, logits)[0],
+                               atol=1e-6, rtol=1e-5)
+    for kernel in (moe._route_fwd_kernel, moe._route_bwd_kernel, moe._gather_sum_kernel, moe._unpermute_bwd_kernel):
+        assert "tl.atomic" not in inspect.getsource(kernel.fn), kernel.fn.__name__
+
+
+_BIG_OFFSETS = r"""
+import sys
+import torch
+from kernels import moe
+
+H, N, BH = 1 << 28, 9, 64  # int8 rows of 2**28 elements: row 8 starts at element 2**31
+# Tensors of N * H elements are allocated but never touched beyond the first BH columns of each row (one
+# column block in the grid), so they stay virtual: a few MiB resident.
+src = torch.empty((2, H), dtype=torch.int8)
+src[0, :BH], src[1, :BH] = 3, 5
+order = torch.tensor([1, 0] * 4 + [1])  # k = 1: row r gathers token order[r]
+out = torch.empty((N, H), dtype=torch.int8)
+out[:, :BH] = 0
+moe._gather_rows_kernel[(1, 1)](src, order, out, N, H, K=1, BLOCK_R=16, BLOCK_H=BH)
+assert out[:, :BH].tolist() == [[5 if r % 2 == 0 else 3] * BH for r in range(N)], out[:, :4]
+out[:, :BH] = 0
+moe._gather_sum_kernel[(1, 1)](src, order, torch.full((N, 1), 2.0), out, N, H, K=1, HAS_W=True, BLOCK_T=16,
+                               BLOCK_H=BH)
+assert out[:, :BH].tolist() == [[10 if t % 2 == 0 else 6] * BH for t in range(N)], out[:, :4]
+del out
+dout = torch.empty((N, H), dtype=torch.int8)
+dout[:, :BH] = torch.arange(1, N + 1, dtype=torch.int8)[:, None]
+dy = torch.empty((2, H), dtype=torch.int8)
+dy[:, :BH] = 0
+dw = torch.zeros((1, N, 1))
+pos = torch.tensor([-1] * 8 + [1])  # only token 8, whose dout row starts at element 2**31, is live
+moe._unpermute_bwd_kernel[(1, 1)](dout, src, pos, torch.ones(N, 1), dy, dw, N, H, K=1, BLOCK_T=16, BLOCK_H=BH)
+assert dy[1, :BH].tolist() == [9] * BH and dy[0, :BH].tolist() == [0] * BH, dy[:, :4]
+assert dw[0, :, 0].tolist() == [0.0] * 8 + [9.0 * 5 * BH], dw[0, :, 0]
+print("ok")
+"""
+
+
+def test_gather_scatter_row_offsets_past_2_to_the_31():
+    """The permute (gather), combine / permute-backward (gather-sum) and combine-backward kernels on rows
+    whose element offset row * H is >= 2**31 (row 8 of H = 2**28), where int32 offsets wrap negative and
+    read or write 2 GiB before the buffer (a segfault, hence a subprocess). The tensors hold 9 x 2**28
+    int8 elements but only one 64-column block of each row is launched and touched, so little memory is
+    resident. Not covered: the router and grouped-GEMM kernels (their row offsets are cast the same way,
+    or index tensors far below 2**31 elements)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
 # ----- dispatch ----------------------------------------------------------------------------------------------
@@ -119,10 +193,10 @@ def _combine_loop(x, ids, weights, expert_scale, kept=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("E,k", [(1, 1), (4, 2), (8, 1), (64, 2)])
 @pytest.mark.parametrize("case", ["random", "empty", "one_expert"])
-def test_permute_unpermute_match_loop(backend, E, k, case):
+def test_permute_unpermute_match_loop(gen, backend, E, k, case):
     if E < 3 and case == "empty":
         pytest.skip("needs 3 experts to leave one empty with k=2")
-    g = _gen()
+    g = gen
     T, H = 23, 24
     ids = _expert_ids(T, E, k, g, case)
     x = torch.randn(T, H, generator=g, requires_grad=True)
@@ -153,8 +227,8 @@ def test_permute_unpermute_match_loop(backend, E, k, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_capacity_drops_the_latest_assignments(backend):
-    g = _gen()
+def test_capacity_drops_the_latest_assignments(gen, backend):
+    g = gen
     T, H, E, k, cap = 27, 16, 4, 2, 9
     ids = _expert_ids(T, E, k, g, "random")
     ids[:, 0] = torch.where(torch.arange(T) % 3 == 0, 2, ids[:, 0])  # overload expert 2
@@ -206,8 +280,8 @@ def _ffn_loop(x, counts, w_up, b_up, w_down, b_down):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("E,case,bias", [(1, "random", True), (4, "empty", True), (8, "one_expert", False),
                                          (64, "random", True)])
-def test_expert_ffn_matches_loop_with_gradients(backend, E, case, bias):
-    g = _gen()
+def test_expert_ffn_matches_loop_with_gradients(gen, backend, E, case, bias):
+    g = gen
     R, H, Fd = 37 if E < 64 else 23, 24, 40  # odd row counts; H, F not multiples of the 32-wide tiles
     if case == "one_expert":
         counts = torch.zeros(E, dtype=torch.long)

@@ -9,10 +9,6 @@ import kernels
 from kernels import dispatch
 
 
-def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 # ----- dispatch ----------------------------------------------------------------------------------------------
 def test_dispatch_rules():
     cpu = torch.device("cpu")
@@ -48,8 +44,8 @@ def _attention64(q, k, v, lengths, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_matches_reference(causal):
-    g = _gen()
+def test_attention_matches_reference(gen, causal):
+    g = gen
     B, H, S, D = 3, 2, 9, 8
     q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
     lengths = torch.tensor([9, 5, 1])
@@ -57,8 +53,8 @@ def test_attention_matches_reference(causal):
     torch.testing.assert_close(out.double(), _attention64(q, k, v, lengths, causal), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_padding_does_not_leak_and_gradients_flow():
-    g = _gen()
+def test_attention_padding_does_not_leak_and_gradients_flow(gen):
+    g = gen
     q, k, v = (torch.randn(2, 2, 7, 4, generator=g, requires_grad=True) for _ in range(3))
     lengths = torch.tensor([7, 4])
     out = kernels.attention(q, k, v, lengths=lengths)
@@ -73,8 +69,8 @@ def test_attention_zero_length_gives_zeros_not_nan():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_varlen_equals_padded():
-    g = _gen()
+def test_varlen_equals_padded(gen):
+    g = gen
     lens = [5, 1, 8]
     total, H, D = sum(lens), 2, 4
     q, k, v = (torch.randn(total, H, D, generator=g) for _ in range(3))
@@ -86,9 +82,9 @@ def test_varlen_equals_padded():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_sdpa_path_equals_the_written_out_twin(causal):
+def test_sdpa_path_equals_the_written_out_twin(gen, causal):
     """The CPU path (SDPA) computes the oracle's function: outputs and gradients, padding, empty sequences."""
-    g = _gen()
+    g = gen
     q, k, v = (torch.randn(4, 3, 11, 8, generator=g, requires_grad=True) for _ in range(3))
     lengths = torch.tensor([11, 6, 0, 1])
     grad = torch.randn(4, 3, 11, 8, generator=g)
@@ -98,15 +94,55 @@ def test_sdpa_path_equals_the_written_out_twin(causal):
     assert torch.equal(fast[2], torch.zeros_like(fast[2]))
     for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # seeded dropout keeps the twin's reproducible mask
-    drop = dict(dropout_p=0.3, seed=5)
-    assert torch.equal(kernels.attention_torch(q, k, v, lengths, causal, **drop),
-                       kernels.attention_reference(q, k, v, lengths, causal, **drop))
 
 
-def test_varlen_full_length_batch_equals_padded():
+def _dropout_probe(B, H, S, lengths, causal):
+    """q = 0 (uniform attention over the visible keys) and v = the identity: output [b, h, i, j] is then
+    keep[i, j] / (n_visible(i) * (1 - p)) for a visible key j and 0 otherwise, so the mask can be read back."""
+    q = k = torch.zeros(B, H, S, S)
+    v = torch.eye(S).expand(B, H, S, S).contiguous()
+    visible = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :].expand(B, H, S, S)
+    if causal:
+        visible = visible & torch.ones(S, S, dtype=torch.bool).tril()
+    return q, k, v, visible
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seeded", [True, False], ids=["seed", "sdpa"])
+def test_dropout_of_the_cpu_path_reads_back_as_a_scaled_bernoulli_mask(gen, causal, seeded):
+    """Dropout on the CPU path, both ways it runs: with a seed (the twin, mask from torch.Generator(seed))
+    and without (SDPA's own dropout). Through the probe above the output shows the mask itself: every
+    entry is 0 or exactly 1 / (n (1 - p)) (dropout after the softmax, scaled by 1 / (1 - p)), nothing leaks
+    to keys past a length or after the query (causal), the keep rate is 1 - p within 5 sigma, rows are not
+    all alike; with a seed, the mask is the generator's draw, the same again for the same seed and not for
+    another."""
+    p, B, H, S = 0.3, 16, 4, 16
+    lengths = torch.randint(1, S + 1, (B,), generator=gen)
+    lengths[0] = S
+    q, k, v, visible = _dropout_probe(B, H, S, lengths, causal)
+    seed = int(torch.randint(0, 2**62, (), generator=gen)) if seeded else None
+    if not seeded:
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    out = kernels.attention_torch(q, k, v, lengths, causal, dropout_p=p, seed=seed)
+    n = visible.sum(-1, keepdim=True).double()
+    keep = out.double() * n * (1 - p)  # 1 where kept, 0 where dropped or not visible
+    assert ((keep - 1).abs() < 1e-5).logical_or(keep.abs() < 1e-6).all(), "entries other than 0 and 1/(n(1-p))"
+    kept = (keep - 1).abs() < 1e-5
+    assert not kept[~visible].any(), "dropout output on a key that is not visible"
+    draws = int(visible.sum())
+    rate = kept.sum().item() / draws
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / draws) ** 0.5, (rate, draws)
+    assert not torch.equal(kept[0, 0], kept[0, 1]) and not torch.equal(kept[0, 0, -1], kept[0, 0, -2])
+    if seeded:
+        drawn = torch.rand(B, H, S, S, generator=torch.Generator().manual_seed(seed)) >= p
+        assert torch.equal(kept, drawn & visible)
+        assert torch.equal(out, kernels.attention_torch(q, k, v, lengths, causal, dropout_p=p, seed=seed))
+        assert not torch.equal(out, kernels.attention_torch(q, k, v, lengths, causal, dropout_p=p, seed=seed + 1))
+
+
+def test_varlen_full_length_batch_equals_padded(gen):
     """All sequences full (MLM pretraining) take a copy-free path; it must equal the padded layout."""
-    g = _gen()
+    g = gen
     B, S, H, D = 3, 6, 2, 4
     q, k, v = (torch.randn(B * S, H, D, generator=g) for _ in range(3))
     cu = torch.arange(0, B * S + 1, S)

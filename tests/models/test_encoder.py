@@ -90,26 +90,79 @@ def test_mlm_loss_is_cross_entropy_on_masked_positions_only():
     assert enc.embeddings.word.weight.grad is not None  # the decoder is tied to the embeddings
 
 
+def _labelled_batch(kind, B, S, g):
+    """A batch whose labels ignore some terms (-100), and the hidden positions (B, S) that only ignored
+    terms read: changing the hidden states there must change neither the loss nor any kept gradient."""
+    batch = {"lengths": torch.full((B,), S)}
+    ignored = torch.zeros(B, S, dtype=torch.bool)
+    if kind == "pair":
+        batch["labels"] = torch.tensor([0, IGNORE, 2, 1])
+        ignored[1] = True
+    elif kind == "tagging":
+        labels = torch.randint(0, 3, (B, S), generator=g)
+        drop = torch.rand(B, S, generator=g) < 0.4
+        drop[:, 0] = True  # first subwords only: the rest are -100, as the data pipeline labels them
+        drop[0, 1], drop[0, 2] = False, True
+        batch["labels"] = labels.masked_fill(drop, IGNORE)
+        ignored = drop
+    elif kind == "qa":
+        batch["start_positions"] = torch.tensor([1, IGNORE, IGNORE, 3])  # example 2: its end still counts
+        batch["end_positions"] = torch.tensor([2, IGNORE, 4, 5])
+        ignored[1] = True
+    else:
+        batch["labels"], batch["num_choices"] = torch.tensor([IGNORE, 1]), 2  # question 0: rows 0 and 1
+        ignored[:2] = True
+    return batch, ignored
+
+
+def _kept_reference(kind, out, batch):
+    """The loss from the head's logits on the kept terms only (F.cross_entropy, no ignore_index)."""
+    def ce(logits, labels):
+        keep = labels != IGNORE
+        return F.cross_entropy(logits[keep].double(), labels[keep])
+    if kind == "qa":
+        return 0.5 * (ce(out["start_logits"], batch["start_positions"]) + ce(out["end_logits"], batch["end_positions"]))
+    logits = out["logits"]
+    return ce(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["pair", "tagging", "qa", "choice"])
-def test_heads_give_finite_losses_and_ignore_labels(kind):
+def test_heads_ignore_labels_of_minus_100(kind, backend):
+    """Per head: the loss equals F.cross_entropy on the kept terms alone, and hidden states read only by
+    ignored terms (a -100 example, token or question) can be anything: the loss, the head's gradients and
+    the kept positions' gradients stay the same, and the ignored positions get zero gradient. The full
+    model also gives a finite loss with gradients on every head parameter."""
+    g = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
-    cfg = _cfg()
+    cfg = _cfg(kernel_backend=backend)
     enc = Encoder(cfg)
     model = TaskModel(enc, make_head(kind, cfg, enc, num_labels=3))
     B, S = 4, 6
-    batch = {"input_ids": torch.randint(0, 50, (B, S)), "lengths": torch.tensor([6, 5, 4, 6])}
-    if kind == "pair":
-        batch["labels"] = torch.tensor([0, 2, 1, 2])
-    elif kind == "tagging":
-        batch["labels"] = torch.randint(0, 3, (B, S))
-        batch["labels"][:, 0] = IGNORE
-    elif kind == "qa":
-        batch["start_positions"], batch["end_positions"] = torch.tensor([1, 2, 0, 3]), torch.tensor([2, 2, 0, 5])
-    else:
-        batch["labels"], batch["num_choices"] = torch.tensor([0, 1]), 2
-    out = model(batch)
-    assert torch.isfinite(out["loss"]) and out["loss"] > 0
-    out["loss"].backward()
+    batch, ignored = _labelled_batch(kind, B, S, g)
+    head = model.head
+
+    def run(hidden):
+        hidden = hidden.clone().requires_grad_()
+        out = head(hidden, batch)
+        params = list(head.parameters())
+        grads = torch.autograd.grad(out["loss"], [hidden, *params])
+        return out, grads[0], grads[1:]
+
+    hidden = torch.randn(B, S, cfg.hidden_size, generator=g)
+    out, dh, dparams = run(hidden)
+    torch.testing.assert_close(out["loss"].double(), _kept_reference(kind, out, batch), atol=1e-6, rtol=1e-5)
+    assert (dh[ignored] == 0).all() and dh[~ignored].abs().sum() > 0
+    changed = hidden.masked_scatter(ignored[..., None].expand_as(hidden),
+                                    10 * torch.randn(int(ignored.sum()) * cfg.hidden_size, generator=g))
+    out2, dh2, dparams2 = run(changed)
+    torch.testing.assert_close(out2["loss"], out["loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh2, dh, atol=1e-6, rtol=1e-5)
+    for a, b in zip(dparams2, dparams):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    full = model({"input_ids": torch.randint(0, 50, (B, S), generator=g), **batch})
+    assert torch.isfinite(full["loss"]) and full["loss"] > 0
+    full["loss"].backward()
     assert all(p.grad is not None for p in model.head.parameters())
 
 
