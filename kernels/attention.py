@@ -21,10 +21,10 @@ twin and in the kernels alike (their outputs are ignored downstream); keys past 
 a length of 0 gives zeros. The log-sum-exp of a row with no visible key is +inf (as flash-attn).
 
 Dropout (Philox): the keep decision for (batch b, head h, query i, key j), with i and j positions inside
-the sequence, is a pure function of (seed, b*H + h, i, j) (`_keep`), so the forward and backward
-regenerate the same mask, the padded and packed layouts draw the same mask, and `dropout_mask` can
-materialise it for tests. The S x S mask never exists in the kernels. The twin with a seed draws its own,
-different, mask from a torch.Generator.
+the sequence, is a pure function of (seed, b*H + h, i, j) (`_keep`: one Philox call per pair of keys 2g,
+2g + 1, its first two outputs), so the forward and backward regenerate the same mask, the padded and packed
+layouts draw the same mask, and `dropout_mask` can materialise it for tests. The S x S mask never exists in
+the kernels. The twin with a seed draws its own, different, mask from a torch.Generator.
 """
 from __future__ import annotations
 
@@ -142,6 +142,46 @@ def _row_positions(cu_seqlens: torch.Tensor, total: int, device) -> tuple[torch.
     return batch, rows - cu[batch]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune may pick on a GPU, per kernel and padded head dim (<= 64,
+# 128, 256): bf16 / fp16 dots without and with dropout. BLOCK_M is the query tile, BLOCK_N the key tile (dkdv:
+# one program per key tile, looping over query tiles). Chosen from the compiles of bench/kernel_resources.py so
+# that none spills registers on sm_80 or sm_90 at head dims 64, 80 and 128 (tests/kernels/test_gpu_build.py).
+# What a thread holds grows with tile / warps: d=128 takes 8 warps or half tiles; the dK/dV program (k, v, dk,
+# dv held across its loop) and dropout (the Philox rounds) hold the most.
+_LOWP_TILES = {
+    "fwd": {64: ([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)], None),
+            128: ([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)], None),
+            256: ([(64, 64, 8, 2), (64, 32, 8, 2)], None)},
+    "dkdv": {64: ([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)],
+                  [(32, 64, 4, 3), (64, 32, 4, 3)]),
+             128: ([(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 3)], [(32, 64, 8, 2), (64, 32, 4, 3)]),
+             256: ([(64, 32, 8, 2)], None)},
+    "dq": {64: ([(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)],
+                [(128, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]),
+           128: ([(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)], [(64, 64, 8, 2)]),
+           256: ([(32, 64, 8, 2), (64, 32, 8, 2)], None)},
+}
+# fp32 runs true fp32 (IEEE) products on FMA units, which hold whole head-dim rows per thread: small tiles, 8 warps.
+# It is the path that matches the fp32 twin (tests), not a fast one: one config, nothing to tune.
+_FP32_TILES = {"fwd": {64: (32, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
+               "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
+               "dq": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)}}
+
+
+def tile_configs(kind: str, block_d: int, lowp: bool, dropout: bool) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that autotune may pick on a GPU for kernel `kind` ("fwd",
+    "dkdv", "dq") at padded head dim `block_d` (a power of two <= MAX_HEAD_DIM), with bf16/fp16 dots
+    (`lowp`) or fp32 ones, with or without dropout."""
+    if kind not in _LOWP_TILES or block_d > MAX_HEAD_DIM:
+        raise ValueError(f"tile_configs: kind must be one of {', '.join(_LOWP_TILES)} and block_d <= "
+                         f"{MAX_HEAD_DIM}, got {kind!r}, {block_d}")
+    bucket = 64 if block_d <= 64 else block_d
+    if not lowp:
+        return [_FP32_TILES[kind][bucket]]
+    plain, with_dropout = _LOWP_TILES[kind][bucket]
+    return list(with_dropout if dropout and with_dropout is not None else plain)
+
+
 # ----- Triton kernels ----------------------------------------------------------------------------------------
 try:
     import triton
@@ -153,14 +193,21 @@ LOG2E = 1.4426950408889634
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, bh, rows, cols, p_drop):
-        """Dropout keep mask for query positions `rows` x key positions `cols` of sequence-head `bh`.
-        Philox counter (key, query, batch*head, 0): unique per element, independent of layout and tiles."""
-        c0 = (cols + rows * 0).to(tl.uint32)
-        c1 = (rows + cols * 0).to(tl.uint32)
+    def _keep(seed, bh, rows, col0, N: tl.constexpr, p_drop):
+        """Dropout keep mask (len(rows), N) for query positions `rows` x key positions col0..col0+N (col0 even)
+        of sequence-head `bh`. One Philox call per two keys: counter (key // 2, query, batch*head, 0), its first
+        output for the even key, its second for the odd one; unique per element, independent of layout and
+        tiles. Half the Philox work (and registers) of one call per element; the pair sits in one thread's
+        registers in the MMA layouts, so the join moves no data (no shared memory added in the compiles of
+        bench/kernel_resources.py)."""
+        g = col0 // 2 + tl.arange(0, N // 2)
+        c0 = (g[None, :] + rows[:, None] * 0).to(tl.uint32)
+        c1 = (rows[:, None] + g[None, :] * 0).to(tl.uint32)
         c2 = c0 * 0 + bh.to(tl.uint32)
-        r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
-        return tl.uint_to_uniform_float(r) >= p_drop
+        r0, r1, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
+        even = tl.uint_to_uniform_float(r0) >= p_drop
+        odd = tl.uint_to_uniform_float(r1) >= p_drop
+        return tl.reshape(tl.join(even, odd), (rows.shape[0], N))
 
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
@@ -205,7 +252,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:  # the normaliser uses every probability; the values see only the kept ones
-                p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), p, 0.0)
+                p = tl.where(_keep(seed, bh, offs_m, start_n, BLOCK_N, p_drop), p, 0.0)
             v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd, k_len, HEAD_DIM, LOWP)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
             m_i = m_new
@@ -275,10 +322,10 @@ if triton is not None:
         tl.store(DELTA + b64 * slb + h64 * slh + start + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
 
     @triton.jit
-    def _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, offs_n, offs_d, lo, hi,
+    def _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, n0, offs_n, offs_d, lo, hi,
                     q_len, qk_scale, seed, bh, p_drop,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                    LOWP: tl.constexpr, IEEE: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                    DROPOUT: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
         """Accumulate dK, dV of one key tile over query tiles [lo, hi); MASK: the causal triangle.
         Query rows >= q_len load as zeros with lse = +inf, so they add nothing without a mask."""
         for start_m in range(lo, hi, BLOCK_M):
@@ -292,7 +339,7 @@ if triton is not None:
             do = _load_tile(do_base, offs_m, sdt, offs_d, sdd, q_len, HEAD_DIM, LOWP)
             dpt = _mm(v, tl.trans(do), IEEE)  # (dO V^T)^T
             if DROPOUT:
-                keep = _keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
+                keep = tl.trans(_keep(seed, bh, offs_m, n0, BLOCK_N, p_drop))  # (BLOCK_N, BLOCK_M)
                 scale = 1.0 / (1.0 - p_drop)
                 dv += _mm(tl.where(keep, pt * scale, 0.0).to(do.dtype), do, IEEE)
                 dpt = tl.where(keep, dpt * scale, 0.0)
@@ -334,11 +381,11 @@ if triton is not None:
         lo = n0 // BLOCK_M * BLOCK_M if CAUSAL else 0  # earlier queries see none of these keys
         # causal: query tiles below the diagonal (start >= n0 + BLOCK_N) see every key of the tile
         mid = tl.minimum(q_len, tl.cdiv(n0 + BLOCK_N, BLOCK_M) * BLOCK_M) if CAUSAL else lo
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, offs_n, offs_d,
-                             lo, mid, q_len, qk_scale, seed, bh, p_drop, HEAD_DIM, BLOCK_M, True, DROPOUT, LOWP,
-                             IEEE)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, offs_n, offs_d,
-                             mid, q_len, q_len, qk_scale, seed, bh, p_drop, HEAD_DIM, BLOCK_M, False, DROPOUT,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, n0, offs_n, offs_d,
+                             lo, mid, q_len, qk_scale, seed, bh, p_drop, HEAD_DIM, BLOCK_M, BLOCK_N, True, DROPOUT,
+                             LOWP, IEEE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, l_base, d_base, sqt, sqd, sdt, sdd, n0, offs_n, offs_d,
+                             mid, q_len, q_len, qk_scale, seed, bh, p_drop, HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT,
                              LOWP, IEEE)
         mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
         rows = b64 * sgb + h64 * sgh + (start + offs_n)[:, None] * sgt + offs_d[None, :] * sgd
@@ -361,7 +408,7 @@ if triton is not None:
             vt = _load_tile_t(v_base, offs_n, svt, offs_d, svd, k_len, HEAD_DIM, LOWP)
             dp = _mm(do, vt, IEEE)
             if DROPOUT:
-                keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop)
+                keep = _keep(seed, bh, offs_m, start_n, BLOCK_N, p_drop)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - p_drop)), 0.0)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt), IEEE)
@@ -411,24 +458,34 @@ if triton is not None:
         bh = tl.program_id(2)
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = _keep(seed, bh, rows[:, None], cols[None, :], p_drop)
+        keep = _keep(seed, bh, rows, tl.program_id(1) * BLOCK, BLOCK, p_drop)
         ptrs = OUT + bh.to(tl.int64) * S * S + rows[:, None] * S + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < S) & (cols[None, :] < S))
 
     def _tile_configs(kind: str):
-        """One config in the interpreter (autotune needs a GPU); a few to tune over on GPU."""
+        """One config in the interpreter (autotune needs a GPU); on a GPU every shape of `tile_configs(kind,
+        ...)`, of which `_prune(kind)` keeps those for the launch's head dim, dtype and dropout."""
         if dispatch.interpreting():
             return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-        if kind == "fwd":
-            shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-        else:  # backward tiles hold k, v, dk, dv (or q, dO, dq) plus two score tiles: smaller
-            shapes = [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
+        shapes = dict.fromkeys(t for bd in (64, 128, 256) for lowp in (False, True) for drop in (False, True)
+                               for t in tile_configs(kind, bd, lowp, drop))
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
+    def _prune(kind: str):
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+            return [by_shape[t] for t in tile_configs(kind, args["BLOCK_D"], args["LOWP"], args["DROPOUT"])]
+        return prune
+
+    def _autotuned(kind: str, kernel):
+        prune = None if dispatch.interpreting() else {"early_config_prune": _prune(kind)}
+        return triton.autotune(_tile_configs(kind), key=_KEY, prune_configs_by=prune)(kernel)
+
     _KEY = ["HEAD_DIM", "seq_bucket", "CAUSAL", "DROPOUT", "LOWP"]
-    _fwd = triton.autotune(_tile_configs("fwd"), key=_KEY)(_fwd_kernel)
-    _bwd_dkdv = triton.autotune(_tile_configs("bwd"), key=_KEY)(_bwd_dkdv_kernel)
-    _bwd_dq = triton.autotune(_tile_configs("bwd"), key=_KEY)(_bwd_dq_kernel)
+    _fwd = _autotuned("fwd", _fwd_kernel)
+    _bwd_dkdv = _autotuned("dkdv", _bwd_dkdv_kernel)
+    _bwd_dq = _autotuned("dq", _bwd_dq_kernel)
 
 
 # ----- host functions and autograd ---------------------------------------------------------------------------
