@@ -1,0 +1,145 @@
+"""Smoke runs of bench/throughput.py and bench/report.py at a tiny size: the rows carry their fields, the arms
+train the same function on the same batches, and the report writes its tables and plots (no timing
+assertions)."""
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import report as bench_report
+from bench import throughput as tp
+from models import preset
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput") / "throughput_cpu.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--results", str(out)]) == 0
+    return out, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_tiny_run_writes_a_row_per_arm_and_mix(tiny_rows):
+    _, rows = tiny_rows
+    keys = {(r["arch"], r["mix"], r["impl"]) for r in rows}
+    assert keys == {(a, m, i) for a in tp.ARCHS for m in ("xnli", "qa", "full") for i in tp.IMPLS}
+    for r in rows:
+        assert r["bench"] == "throughput" and r["device"] == "cpu" and r["commit"] and r["torch"]
+        assert r["transformers"] and r["precision"] in ("fp32", "bf16") and r["threads"] == 1
+        assert r["dense_twin"] == "tiny" and r["preset"] == ("tiny" if r["arch"] == "dense" else "tiny-moe8")
+        assert "python -m bench.throughput" in r["command"] and isinstance(r["cpu_features"], list)
+        if r["arch"] == "moe" and r["impl"] == "hf":
+            assert "Mixture-of-Experts" in r["skipped"]
+            continue
+        assert "skipped" not in r, r
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["tokens_per_s"] > 0
+        assert r["flops_per_real_token"] > 0 and r["tflops"] > 0 and r["mfu"] is None  # no peak known on CPU
+        assert r["state_mib"] > 0 and (r["peak_mem_mib"] is None or r["peak_mem_mib"] >= r["state_mib"])
+        assert len(r["loadavg_before"]) == 3 and len(r["loadavg_after"]) == 3
+        assert r["active_parameters"] <= r["parameters"]
+        assert (r["padding_share"] == 0) == (r["mix"] == "full") and 0 <= r["padding_share"] < 1
+        if r["impl"] != "hf":
+            assert r["kernels"]["attention_varlen"] == "torch"  # CPU: "auto" resolves to the PyTorch paths
+        if r["arch"] == "dense" and r["impl"] != "hf":
+            assert r["speedup_vs_hf"]["min"] <= r["speedup_vs_hf"]["median"] <= r["speedup_vs_hf"]["max"]
+        if r["arch"] == "moe":
+            assert r["step_time_vs_dense"]["median"] > 0 and r["speedup_vs_hf_dense_twin"]["median"] > 0
+            assert r["active_parameters"] < r["parameters"]
+
+
+def test_report_writes_tables_and_plots(tiny_rows, tmp_path):
+    results, _ = tiny_rows
+    assert bench_report.main(["--results", str(results), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| preset | arch | mix |" in text and "XLT / HF" in text and "| tiny | dense | xnli |" in text
+    assert "Mixture-of-Experts" in text  # the skipped HF MoE arms are listed with their reason
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert any(p.endswith("_tokens_per_s.png") for p in pngs) and any(p.endswith("_peak_mem.png") for p in pngs)
+    for name in pngs:
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+
+
+def test_report_without_rows_is_an_error(tmp_path):
+    empty = tmp_path / "throughput_cpu.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        bench_report.main(["--results", str(empty), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        bench_report.main(["--results", str(tmp_path / "missing.jsonl")])
+
+
+def test_cost_exponent_is_the_slope_of_seconds_per_token():
+    # 4x the parameters at a quarter of the tokens/s: cost grows as fast as the parameters
+    (x, slope), = bench_report.cost_exponents([(1e6, 100.0), (4e6, 25.0)])
+    assert x == pytest.approx(2e6) and slope == pytest.approx(1.0)
+
+
+def test_the_xlt_and_hf_arms_train_the_same_function_on_the_same_batches():
+    """fp32, no dropout: the same loss and gradients from the XLT model (packed, length-grouped attention, the
+    last layer on first tokens only) and the transformers model exported from it, on an XNLI-like batch."""
+    cfg = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    mix = tp.mixes("cpu", tiny=False)["xnli"]
+    batches = tp.make_batches(mix, cfg, 2, seed=3)
+    again = tp.make_batches(mix, cfg, 2, seed=3)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)  # seeded: the same batches
+    batch = batches[0]
+    assert 0.2 < 1 - batch["lengths"].sum() / batch["input_ids"].numel() < 0.9  # a mix with real padding
+    ours = tp.build_xlt(cfg, mix, "xlt", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = tp.build_hf(tp.build_xlt(cfg, mix, "xlt", seed=0), mix, "sdpa", Path(tmp) / "hf")
+    loss_ours, loss_theirs = tp._xlt_forward(ours, batch), tp._hf_forward(theirs, batch)
+    torch.testing.assert_close(loss_ours, loss_theirs, atol=1e-5, rtol=1e-5)
+    loss_ours.backward()
+    loss_theirs.backward()
+    grads = dict(theirs.named_parameters())
+    pairs = [(ours.encoder.embeddings.word.weight, "bert.embeddings.word_embeddings.weight"),
+             (ours.encoder.layers[0].attn.q.weight, "bert.encoder.layer.0.attention.self.query.weight"),
+             (ours.encoder.layers[-1].attn.v.weight, f"bert.encoder.layer.{cfg.num_layers - 1}.attention.self.value"
+                                                     ".weight"),
+             (ours.encoder.layers[-1].ffn.up.weight, f"bert.encoder.layer.{cfg.num_layers - 1}.intermediate.dense"
+                                                     ".weight")]
+    for p, name in pairs:
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mixes_have_the_lengths_they_describe():
+    rng = random.Random(0)
+    mixes = tp.mixes("cpu", tiny=False)
+    xnli = tp.sequence_lengths(mixes["xnli"], 2000, rng)
+    assert min(xnli) >= mixes["xnli"].min_len and max(xnli) <= mixes["xnli"].max_len
+    assert 35 < sum(xnli) / len(xnli) < 60  # median 42, a right tail
+    qa = mixes["qa"]
+    windows = tp._qa_windows(1000, qa, question=16)  # a long context: several windows of at most 384
+    assert len(windows) > 2 and all(n <= qa.max_len for n in windows) and windows[0] == qa.max_len
+    room = qa.max_len - 16 - 3
+    assert sum(n - 19 for n in windows) - qa.stride * (len(windows) - 1) == 1000 - 19  # every token, overlaps
+    assert tp._qa_windows(100, qa, question=16) == [100] and room > qa.stride
+    assert set(tp.sequence_lengths(mixes["full"], 10, rng)) == {mixes["full"].max_len}
+
+
+@pytest.mark.parametrize("argv", [["--impls", "xlt,vllm"], ["--presets", "no-such"], ["--mixes", "squad"],
+                                  ["--steps", "0"], ["--archs", ""]])
+def test_bad_options_are_errors(argv):
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--device", "cpu", *argv])
+
+
+def test_a_mix_longer_than_the_position_table_is_skipped():
+    args = tp.parse_args(["--device", "cpu", "--tiny", "--impls", "xlt", "--archs", "dense"])
+    long_mix = tp.Mix("qa", "qa", 1, 384, stride=128, median=160, sigma=0.5)
+    rows = tp.run_group("tiny", long_mix, args, torch.device("cpu"), "fp32", {})
+    assert len(rows) == 1 and "holds 128 positions" in rows[0]["skipped"]
+
+
+def test_the_first_token_ablation_arm_computes_every_row(tmp_path):
+    out = tmp_path / "ablation.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--archs", "dense", "--mixes", "full", "--impls", "xlt,xlt-all-rows",
+                    "--results", str(out)]) == 0
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["xlt"]["first_token_only"] is True and rows["xlt-all-rows"]["first_token_only"] is False
+    assert rows["xlt"]["speedup_vs_xlt_all_rows"]["median"] > 0
+    assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "xlt-all-rows" in (tmp_path / "report" / "report.md").read_text()
