@@ -65,7 +65,7 @@ stage cross-entropy 40 "$PY" -m bench.cross_entropy --device cuda --out "$OUT/cr
 stage moe 30 "$PY" -m bench.moe --device cuda --out "$OUT/moe_cuda.jsonl"
 
 # 3. End-to-end training throughput, and the kernel micro-benchmarks.
-stage throughput 100 "$PY" -m bench.throughput --device cuda --presets xlmr-base,xlmr-large \
+stage throughput 100 "$PY" -m bench.throughput --device cuda --presets xlmr-base,xlmr-large --mixes xnli,full --steps 3 --repeats 2 \
     --results "$OUT/throughput_cuda.jsonl"
 stage micro-benchmarks 30 "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUT/micro_benchmarks.json"
