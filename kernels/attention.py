@@ -197,9 +197,9 @@ if triton is not None:
         """Dropout keep mask (len(rows), N) for query positions `rows` x key positions col0..col0+N (col0 even)
         of sequence-head `bh`. One Philox call per two keys: counter (key // 2, query, batch*head, 0), its first
         output for the even key, its second for the odd one; unique per element, independent of layout and
-        tiles. Half the Philox work (and registers) of one call per element; the pair sits in one thread's
-        registers in the MMA layouts, so the join moves no data (no shared memory added in the compiles of
-        bench/kernel_resources.py)."""
+        tiles. Half the Philox calls of one call per element; joining the
+        pair added no shared memory and no spills in bench/kernel_resources.py's compiles (its speed on a GPU
+        is not measured)."""
         g = col0 // 2 + tl.arange(0, N // 2)
         c0 = (g[None, :] + rows[:, None] * 0).to(tl.uint32)
         c1 = (rows[:, None] + g[None, :] * 0).to(tl.uint32)
