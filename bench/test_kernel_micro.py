@@ -109,3 +109,21 @@ def test_moe_ffn_fwd_bwd(benchmark, variant):
         pytest.skip(f"torch._grouped_mm: {str(e).splitlines()[0][:160]}")
     benchmark.extra_info.update(MOE_SHAPE)
     _run(benchmark, step)
+
+
+DROPOUT_SHAPE = (16384, 1024) if CUDA else (1475, 128)  # CPU: one xlt-tiny XNLI-like batch's hidden states
+
+
+@pytest.mark.parametrize("impl", ["xlt", "nn"])
+def test_hidden_dropout_fwd_bwd(benchmark, impl):
+    """models.dropout.Dropout (on CPU a uniform draw compared with p) against nn.Dropout (bernoulli_)."""
+    from models.dropout import Dropout
+    layer = (Dropout(0.1) if impl == "xlt" else torch.nn.Dropout(0.1)).train()
+    x = torch.randn(DROPOUT_SHAPE, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def step():
+        x.grad = None
+        layer(x).backward(dy)
+    benchmark.extra_info.update(shape=DROPOUT_SHAPE, dtype="bf16")
+    _run(benchmark, step)

@@ -130,11 +130,16 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
 
 
 def moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down):
-    """Loop over experts: down_e(gelu(up_e(rows of expert e))). One host sync (the group sizes)."""
+    """Loop over experts: down_e(gelu(up_e(rows of expert e))). One host sync (the group sizes). The stacked
+    weights are unbound once, not indexed per expert: indexing's backward writes each expert's gradient into
+    a zeroed copy of the whole stack (E full-size buffers), unbind's stacks them once."""
+    E = w_up.shape[0]
+    ups, downs = w_up.unbind(0), w_down.unbind(0)
+    b_ups = [None] * E if b_up is None else b_up.unbind(0)
+    b_downs = [None] * E if b_down is None else b_down.unbind(0)
     outs = []
     for e, xe in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-        h = F.linear(xe, w_up[e], None if b_up is None else b_up[e])
-        outs.append(F.linear(F.gelu(h), w_down[e], None if b_down is None else b_down[e]))
+        outs.append(F.linear(F.gelu(F.linear(xe, ups[e], b_ups[e])), downs[e], b_downs[e]))
     return torch.cat(outs) if outs else x_sorted.new_zeros((0, w_down.shape[1]))
 
 

@@ -1,25 +1,53 @@
 """The XLT encoder: BERT / XLM-R compatible, single-device, calling only `kernels` for attention.
 
 Post-layer-norm blocks (BERT, XLM-R base/large) or pre-layer-norm blocks with a final norm (XLM-R XL/XXL).
-Inputs are right-padded batches. The encoder unpads once after the embeddings and runs every layer on the
+Self-attention goes through `kernels` only; the one exception is the last layer's first-token query of
+`first_token_only` (below), a single query row per sequence, which SDPA computes.
+Inputs are right-padded batches. The encoder unpads once, before the embeddings, and runs every layer on the
 packed real tokens (total_tokens, hidden) with variable-length attention (`kernels.attention_varlen`), so
-padding costs no FLOPs anywhere; outputs are re-padded at the end (padding positions hold zeros).
+padding costs no FLOPs in the linear layers, norms and FFNs; outputs are re-padded at the end (padding
+positions hold zeros).
+
+Where attention runs on the PyTorch path (CPU, backend "torch"), that path re-pads each call's sequences to
+the call's longest one; so the packed layout holds the sequences sorted by decreasing length, and each layer
+calls attention once per group of similar lengths (`length_groups`: a cost model of that path), instead of
+once over the whole batch padded to its longest sequence. The Triton kernels take the packed layout as it
+is, in one call. A batch without padding is packed as a view, without copies.
+
+`first_token_only=True` (TaskModel does it for heads that read only the first token: sequence-pair
+classification, multiple choice, the dual encoder's pooler / CLS pooling) returns only the first token's last
+hidden state: the last layer then computes its keys and values for every token, but its queries, attention
+output, FFN and norms only for the first token of each sequence, the only rows the loss depends on. A
+Mixture-of-Experts last layer routes every token (its router losses average over all of them), so it computes
+attention for every token, and only its experts and output norm for the first tokens. The values are the same
+as the full computation's (up to floating-point rounding); dropout draws fewer random numbers, so a seeded
+run's dropout masks differ from a full computation's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
+from kernels.attention import pad_packed
 
 from .config import EncoderConfig, upcycled_config
+from .dropout import Dropout
 from .ffn import FeedForward
 from .moe import MoEFeedForward
 
-__all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Pooler", "lengths_from_mask", "make_ffn"]
+__all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Packing", "Pooler", "length_groups",
+           "lengths_from_mask", "make_ffn"]
+
+# The cost of one call of the PyTorch attention path in units of attention-score elements (sequences x
+# longest length^2 x heads): kernels.attention_varlen forward + backward on CPU (bf16, dropout 0.1, one
+# thread) took ~0.7-0.9 ms a call plus 30-55 ns an element (head_dim 32-64), i.e. ~16k elements a call.
+GROUP_CALL_COST = 16384
 
 
 def lengths_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,7 +69,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else None
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.position_style == "roberta":  # as HF: real tokens count from pad+1, pads get pad
@@ -49,13 +77,17 @@ class Embeddings(nn.Module):
             return torch.cumsum(real, dim=1) * real + self.cfg.pad_token_id
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids, token_type_ids=None, seqs: "Packing | None" = None):
+        """(B, S, H) embeddings; with `seqs`, only the real tokens' rows, packed (total_tokens, H)."""
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
                              f"{self.cfg.max_seq_len} (max_position_embeddings)")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word(input_ids) + self.position(self.position_ids(input_ids)) + self.token_type(token_type_ids)
+        ids, positions, types = input_ids, self.position_ids(input_ids), token_type_ids
+        if seqs is not None:
+            ids, positions, types = (seqs.pack_ids(t) for t in (ids, positions, types))
+        x = self.word(ids) + self.position(positions) + self.token_type(types)
         return self.dropout(self.norm(x) if self.norm is not None else x)
 
 
@@ -66,14 +98,41 @@ class SelfAttention(nn.Module):
         self.cfg = cfg
         self.q, self.k, self.v, self.o = (nn.Linear(h, h) for _ in range(4))
 
-    def forward(self, x, seqs: "Packing"):
-        """x: (total_tokens, hidden) packed rows of the sequences described by `seqs`."""
+    def forward(self, x, seqs: "Packing", first_only: bool = False):
+        """x: (total_tokens, hidden) packed rows of the sequences described by `seqs`. With first_only, the
+        output rows of each sequence's first token only (B, hidden), in packed order."""
         heads, d = self.cfg.num_heads, self.cfg.head_dim
-        q, k, v = (proj(x).view(-1, heads, d) for proj in (self.q, self.k, self.v))
         p = self.cfg.attention_dropout if self.training else 0.0
-        out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
-                                       backend=self.cfg.kernel_backend)
+        if first_only:
+            return self.o(self._first_query(x, seqs, p).reshape(-1, heads * d))
+        q, k, v = (proj(x).view(-1, heads, d) for proj in (self.q, self.k, self.v))
+        if seqs.groups:  # the PyTorch path: one call per group of similar lengths
+            out = torch.cat([kernels.attention_varlen(q[a:b], k[a:b], v[a:b], cu, n, dropout_p=p,
+                                                      backend=self.cfg.kernel_backend)
+                             for a, b, cu, n in seqs.groups])
+        else:
+            out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
+                                           backend=self.cfg.kernel_backend)
         return self.o(out.reshape(-1, heads * d))
+
+    def _first_query(self, x, seqs: "Packing", p: float):
+        """Attention of each sequence's first token over all of its keys: (B, heads, 1, head_dim). One query
+        row against many keys is not the self-attention that `kernels` implements (q, k, v of one shape), and
+        it is a sliver of the layer's work: F.scaled_dot_product_attention with the key mask computes it (the
+        function of kernels.attention_reference for that row). Keys and values are re-padded to the longest
+        sequence, in packed order."""
+        heads, d = self.cfg.num_heads, self.cfg.head_dim
+        B, longest = seqs.batch, max(seqs.lengths)
+        q = self.q(x[seqs.first_rows]).view(B, 1, heads, d).transpose(1, 2)
+        if seqs.index is None:  # no padding: a view
+            k, v = (proj(x).view(B, longest, heads, d).transpose(1, 2) for proj in (self.k, self.v))
+            mask = None
+        else:
+            k, v = (pad_packed(proj(x).view(-1, heads, d), seqs.cu_seqlens, longest).transpose(1, 2)
+                    for proj in (self.k, self.v))
+            lengths = seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1]
+            mask = (torch.arange(longest, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 def make_ffn(cfg: EncoderConfig, index: int) -> nn.Module:
@@ -93,38 +152,128 @@ class Layer(nn.Module):
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = make_ffn(cfg, index)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, seqs: "Packing"):
-        """x: (total_tokens, hidden), real tokens only (so an MoE FFN routes no padding)."""
+    def forward(self, x, seqs: "Packing", first_only: bool = False):
+        """x: (total_tokens, hidden), real tokens only (so an MoE FFN routes no padding). With first_only the
+        output holds only each sequence's first token (B, hidden), in packed order."""
+        if first_only and isinstance(self.ffn, MoEFeedForward):  # its router sees every token: full attention
+            first = seqs.first_rows
+            if self.pre_norm:
+                x = x + self.dropout(self.attn(self.attn_norm(x), seqs))
+                return x[first] + self.dropout(self.ffn.forward_rows(self.ffn_norm(x), first))
+            x = self.attn_norm(x + self.dropout(self.attn(x, seqs)))
+            return self.ffn_norm(x[first] + self.dropout(self.ffn.forward_rows(x, first)))
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), seqs))
+            h = self.attn_norm(x)
+            x = (x[seqs.first_rows] if first_only else x) + self.dropout(self.attn(h, seqs, first_only))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, seqs)))
+        x = self.attn_norm((x[seqs.first_rows] if first_only else x) + self.dropout(self.attn(x, seqs, first_only)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
+def length_groups(lengths: list[int], heads: int, call_cost: int = GROUP_CALL_COST) -> list[tuple[int, int]]:
+    """Contiguous groups [start, end) of sequences sorted by decreasing length that minimise the cost of the
+    PyTorch attention path: per group, call_cost + size * longest^2 * heads. Dynamic programming over the runs
+    of equal lengths (at most one run per distinct length)."""
+    runs: list[list[int]] = []  # [length, count], lengths decreasing
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    best, cut = [0.0] + [math.inf] * len(runs), [0] * (len(runs) + 1)
+    for j in range(1, len(runs) + 1):  # the last group ends after run j - 1
+        count = 0
+        for i in range(j, 0, -1):  # ... and starts at run i - 1, its longest
+            count += runs[i - 1][1]
+            group = count * runs[i - 1][0] ** 2 * heads
+            if group >= best[j]:  # only grows with earlier starts
+                break
+            if best[i - 1] + call_cost + group < best[j]:
+                best[j], cut[j] = best[i - 1] + call_cost + group, i - 1
+    starts, j = [], len(runs)
+    while j > 0:
+        starts.append(cut[j])
+        j = cut[j]
+    firsts = [0]
+    for n, c in runs:
+        firsts.append(firsts[-1] + c)
+    bounds = [firsts[r] for r in reversed(starts)] + [len(lengths)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class Packing(NamedTuple):
-    """Where the real tokens of a right-padded (B, S) batch sit: flat indices into B*S, and the
-    flash-attn-style cu_seqlens (B+1,) / max_seqlen of the packed layout."""
-    index: torch.Tensor
+    """Where the real tokens of a right-padded (B, S) batch sit in the packed layout: `index`, their flat
+    indices into B*S (None: no padding, every position in order); `order`, the batch row of each packed
+    sequence (None: batch order); the flash-attn-style cu_seqlens (B+1,) and max_seqlen; the host copy of the
+    lengths in packed order; and `groups`, the (first row, end row, cu_seqlens, longest) of each attention
+    call on the PyTorch path (empty: one call over all)."""
+    index: torch.Tensor | None
     cu_seqlens: torch.Tensor
     max_seqlen: int
     batch: int
+    lengths: tuple[int, ...]
+    order: torch.Tensor | None = None
+    groups: tuple = ()
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, seq_len: int) -> "Packing":
+    def from_lengths(cls, lengths: torch.Tensor, seq_len: int, group_heads: int | None = None) -> "Packing":
+        """With group_heads (the attention path re-pads: heads of the layers), sequences are sorted by
+        decreasing length and grouped for attention (length_groups)."""
+        device = lengths.device
         lengths = lengths.to(torch.int32)
-        real = torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+        host = [int(n) for n in lengths.tolist()]  # one host sync, as the packing index needs anyway
+        B = len(host)
+        if all(n == seq_len for n in host):
+            cu = torch.arange(0, (B + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+            return cls(None, cu, seq_len, B, tuple(host))
+        order = None
+        if group_heads:
+            perm = sorted(range(B), key=lambda b: -host[b])  # stable: equal lengths keep their batch order
+            if perm != list(range(B)):
+                order = torch.tensor(perm, device=device)
+                lengths, host = lengths[order], [host[b] for b in perm]
+        real = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
+        rows, positions = real.nonzero(as_tuple=True)
+        index = (rows if order is None else order[rows]) * seq_len + positions
         cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        return cls(real.reshape(-1).nonzero().squeeze(1), cu, seq_len, lengths.shape[0])
+        groups = ()
+        if group_heads:
+            bounds = length_groups(host, group_heads)
+            if len(bounds) > 1:
+                offsets = [0]
+                for n in host:
+                    offsets.append(offsets[-1] + n)
+                groups = tuple((offsets[a], offsets[b], cu[a:b + 1] - offsets[a], host[a]) for a, b in bounds)
+        return cls(index, cu, seq_len, B, tuple(host), order, groups)
+
+    @property
+    def first_rows(self) -> torch.Tensor:
+        """The packed row of each sequence's first token, in packed order."""
+        return self.cu_seqlens[:-1].long()
+
+    def pack_ids(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (total_tokens,) values of the real tokens."""
+        return t.reshape(-1) if self.index is None else t.reshape(-1)[self.index]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1])[self.index]
+        x = x.reshape(-1, x.shape[-1])
+        return x if self.index is None else x[self.index]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.view(self.batch, self.max_seqlen, x.shape[-1])
         out = x.new_zeros((self.batch * self.max_seqlen, x.shape[-1])).index_copy(0, self.index, x)
         return out.view(self.batch, self.max_seqlen, x.shape[-1])
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) rows in packed order -> batch order."""
+        if self.order is None:
+            return x
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
+        return x[inverse]
 
 
 class Pooler(nn.Module):
@@ -224,10 +373,12 @@ class Encoder(nn.Module):
                 nn.init.zeros_(b)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, lengths=None,
-                output_hidden_states=False, output_layer: int | None = None):
+                output_hidden_states=False, output_layer: int | None = None, first_token_only: bool = False):
         """Returns the last hidden states (B, S, H); with output_hidden_states the list of the embeddings
         output and every layer's output (HF's `hidden_states`, the last one normed if pre-LN); with
-        output_layer=i only entry i of that list, computing no layer above it (retrieval reads a middle layer)."""
+        output_layer=i only entry i of that list, computing no layer above it (retrieval reads a middle layer);
+        with first_token_only the first token's last hidden state (B, 1, H), its last layer computing only the
+        rows that it needs (see the module docstring)."""
         B, S = input_ids.shape
         if lengths is None:
             lengths = (lengths_from_mask(attention_mask) if attention_mask is not None
@@ -237,14 +388,32 @@ class Encoder(nn.Module):
         depth = self.cfg.num_layers if output_layer is None else output_layer
         if not 0 <= depth <= self.cfg.num_layers:
             raise ValueError(f"output_layer {output_layer}: expected 0..{self.cfg.num_layers} (0 = embeddings)")
-        seqs = Packing.from_lengths(lengths, S)
-        x = seqs.pack(self.embeddings(input_ids, token_type_ids))  # unpadded from here on
+        if first_token_only and (output_hidden_states or output_layer is not None):
+            raise ValueError("first_token_only returns the last layer's first token only: it cannot be combined "
+                             "with output_hidden_states or output_layer")
+        seqs = Packing.from_lengths(lengths, S, self._group_heads(input_ids.device))
+        x = self.embeddings(input_ids, token_type_ids, seqs)  # unpadded from here on
+        # the last layer on first tokens only (not for a sequence without tokens: it has no first row)
+        short = first_token_only and depth > 0 and seqs.batch > 0 and min(seqs.lengths) > 0
         states = [x]
-        for layer in self.layers[:depth]:
-            x = layer(x, seqs)
+        for i, layer in enumerate(self.layers[:depth]):
+            x = layer(x, seqs, first_only=short and i == depth - 1)
             states.append(x)
         if self.final_norm is not None and depth == self.cfg.num_layers:
             states[-1] = self.final_norm(x)
+        if short:
+            return seqs.unsort(states[-1])[:, None]
         if output_hidden_states:
             return [seqs.unpack(s) for s in states]
+        if first_token_only:
+            return seqs.unpack(states[-1])[:, :1]
         return seqs.unpack(states[-1])
+
+    def _group_heads(self, device: torch.device) -> int | None:
+        """The head count that Packing groups attention calls by, where attention runs on the PyTorch path;
+        None where the Triton kernel takes the packed layout in one call, or where the token order must stay
+        the batch's (capacity-limited MoE layers keep each expert's first tokens in that order)."""
+        if self.cfg.moe_capacity_factor or kernels.dispatch.resolve("attention_varlen", self.cfg.kernel_backend,
+                                                                     device) != "torch":
+            return None
+        return self.cfg.num_heads

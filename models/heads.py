@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import kernels
 
 from .config import EncoderConfig
+from .dropout import Dropout
 from .encoder import Encoder
 
 IGNORE = -100
@@ -27,12 +28,13 @@ class SequenceClassificationHead(nn.Module):
     """RoBERTa-style: dense + tanh on the first token, then the output projection."""
 
     kind = "pair"
+    reads_first_token_only = True  # TaskModel asks the encoder for that row alone
 
     def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         self.backend = cfg.kernel_backend
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.out = nn.Linear(cfg.hidden_size, num_labels)
 
     def forward(self, hidden, batch):
@@ -52,7 +54,7 @@ class TokenClassificationHead(nn.Module):
     def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         self.backend = cfg.kernel_backend
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.out = nn.Linear(cfg.hidden_size, num_labels)
 
     def forward(self, hidden, batch):
@@ -87,6 +89,8 @@ class PooledClassificationHead(nn.Module):
     choices=True each (context, ending) pair is encoded separately and scored, softmax over the choices
     (Hugging Face's multiple-choice head, the same for BERT and XLM-R)."""
 
+    reads_first_token_only = True  # the pooler reads the first token alone
+
     @property
     def kind(self) -> str:
         return "choice" if self.choices else "pair"
@@ -96,7 +100,7 @@ class PooledClassificationHead(nn.Module):
         self.backend = cfg.kernel_backend
         self.choices = choices
         self._pooler = [encoder.pooler]  # a plain list: the pooler stays owned by the encoder
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.out = nn.Linear(cfg.hidden_size, 1 if choices else num_labels)
 
     def forward(self, hidden, batch):
@@ -155,6 +159,10 @@ class DualEncoderHead(nn.Module):
     kind = "dual-encoder"
     POOLINGS = ("pooler", "cls", "mean")
 
+    @property
+    def reads_first_token_only(self) -> bool:
+        return self.pooling != "mean"
+
     def __init__(self, cfg: EncoderConfig, encoder: Encoder, pooling: str = "pooler", scale: float = 100.0):
         super().__init__()
         if pooling not in self.POOLINGS:
@@ -210,7 +218,11 @@ def make_head(kind: str, cfg: EncoderConfig, encoder: Encoder, num_labels: int =
 class TaskModel(nn.Module):
     """An encoder with one head. The encoder object is shared, not copied, when handed between phases.
     The head is initialised here (BERT's initialisation) unless `initialise` is false (a view over a head
-    that is already trained, e.g. one of a multi-task model's)."""
+    that is already trained, e.g. one of a multi-task model's). A head that reads only the first token
+    (`reads_first_token_only`) gets the (B, 1, H) first-token states, for which the encoder's last layer
+    computes only the rows they need; `first_token_only = False` computes every row (an ablation)."""
+
+    first_token_only = True
 
     def __init__(self, encoder: Encoder, head: nn.Module, initialise: bool = True):
         super().__init__()
@@ -220,8 +232,9 @@ class TaskModel(nn.Module):
             head.apply(Encoder._init_weights)
 
     def forward(self, batch: dict) -> dict:
+        first = self.first_token_only and getattr(self.head, "reads_first_token_only", False)
         hidden = self.encoder(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
-                              lengths=batch["lengths"])
+                              lengths=batch["lengths"], first_token_only=first)
         out = self.head(hidden, batch)
         moe = self.encoder.moe_layers()
         if moe and "loss" in out:  # the routers' auxiliary losses join the objective

@@ -141,14 +141,29 @@ class MoEFeedForward(nn.Module):
             out = out.new_zeros((x.numel() // self.hidden_size, self.hidden_size)).index_copy(0, idx, out)
         return out.reshape(x.shape)
 
-    def _moe(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward_rows(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tokens (T, H) -> the output of `rows` only (len(rows), H): every token is routed (the statistics and
+        the auxiliary losses are those of forward(tokens)), the experts run on the given rows alone. With a
+        capacity (which tokens are dropped depends on all of them) the whole layer runs and the rows are taken."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.hidden_size:
+            raise ValueError(f"MoEFeedForward: expected tokens (T, {self.hidden_size}), got {tuple(tokens.shape)}")
+        if self.capacity_factor is not None:
+            return self._moe(tokens)[rows]
+        return self._moe(tokens, rows)
+
+    def _moe(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         r = self.route(tokens)
-        xs, plan = kernels.moe_permute(tokens, r.expert_ids, self.num_experts, capacity=self.capacity(len(tokens)),
+        ids, weights, x = r.expert_ids, r.weights, tokens
+        if rows is not None:  # the routing of every token above; the experts only for these rows
+            ids, weights, x = ids[rows], weights[rows], tokens[rows]
+        # Under autocast the experts run in the autocast dtype: cast the T rows before they are repeated k times
+        # by the permute, not the T*k permuted rows after it (the same values, half the bytes moved).
+        xs, plan = kernels.moe_permute(_autocast(x, None)[0], ids, self.num_experts, capacity=self.capacity(len(x)),
                                        backend=self.kernel_backend)
         ys = self.experts(xs, plan.tokens_per_expert)
-        out = kernels.moe_unpermute(ys, r.weights.to(ys.dtype), plan, backend=self.kernel_backend)
+        out = kernels.moe_unpermute(ys, weights.to(ys.dtype), plan, backend=self.kernel_backend)
         if self.shared is not None:
-            out = out + self.shared(tokens)
+            out = out + self.shared(x)
         self.record(r, plan.dropped)
         return out
 

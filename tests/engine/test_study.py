@@ -183,7 +183,11 @@ def test_moe_encoder_is_one_option(study, tmp_path, upcycle):
     cfg = C.load(None, [*_overrides(tmp_path / "moe", root / "cache"), ("model.arch", "moe"),
                         ("model.experts", "4"), ("model.upcycle", str(upcycle).lower()),
                         ("model.top_k", "1" if upcycle else "2"),  # upcycled top-1 copies: active-matched
-                        ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli")])
+                        ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli"),
+                        # At the fixture's 4 epochs of lr 3e-3 this tiny MoE stays on the ln 3 plateau for some
+                        # dropout streams (English 35.0 or 43.0 in 3 of 8 runs: run seeds 0-3 x both variants);
+                        # at 8 epochs of 1e-3 it left it in 8 of 8 (English 47-60, last losses 0.61-0.98).
+                        ("target.lr", "1e-3"), ("target.epochs", "8")])
     results = run_study(cfg)
     pre = results["phases"]["pretrain"]
     assert pre["experts"] == 4 and pre["top_k"] == (1 if upcycle else 2)
@@ -197,10 +201,13 @@ def test_moe_encoder_is_one_option(study, tmp_path, upcycle):
                .read_text().splitlines()]
     logged = [r for r in records if "balance_loss" in r]
     assert logged and all(r["max_expert_load"] >= 1.0 and len(r["tokens_per_expert"]) == 2 for r in logged)
+    last = [r["task_loss"] for r in logged[-3:]]
+    assert sum(last) / len(last) < 0.95 * math.log(3)  # it learned: off the uniform-guess plateau (ln 3)
     if not upcycle:
         assert arms["model"]["flops_per_token"] > arms["dense"]["flops_per_token"]  # + the router
     assert 0 <= results["scores"]["baseline"]["syn-xnli"]["qsv"] <= 100
-    assert results["scores"]["baseline"]["syn-xnli"]["en"] > results["chance"]["syn-xnli"] + 10
+    # 100 test rows: a model stuck on the plateau scores the majority class (35.0); learned ones 47-60
+    assert results["scores"]["baseline"]["syn-xnli"]["en"] > results["chance"]["syn-xnli"] + 5
 
 
 def test_unknown_arch_is_a_config_error(tmp_path):

@@ -1,0 +1,151 @@
+"""The encoder's packed layout and its shortcuts give the full computation's values and gradients:
+attention grouped by length on the PyTorch path (sequences sorted longest first), the no-padding view, and
+the last layer computed for the first tokens only when the head reads only them (dense, pre-LN, MoE)."""
+import itertools
+
+import pytest
+import torch
+
+import kernels
+from models import Encoder, TaskModel, make_head, preset
+from models import encoder as E
+from models.config import moe_variant
+from models.heads import DualEncoderHead
+
+
+def _cfg(**kw):
+    return preset("tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0, **kw)
+
+
+def _cost(lengths, bounds, heads, call_cost):
+    return sum(call_cost + (b - a) * lengths[a] ** 2 * heads for a, b in bounds)
+
+
+def _partitions(n):
+    """Every split of range(n) into contiguous [a, b) groups."""
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        starts = [0] + [i + 1 for i, c in enumerate(cuts) if c]
+        yield list(zip(starts, starts[1:] + [n]))
+
+
+@pytest.mark.parametrize("call_cost", [1, 200, 16384])
+def test_length_groups_is_the_cheapest_contiguous_split(gen, call_cost):
+    for _ in range(30):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        lengths = sorted(torch.randint(1, 40, (n,), generator=gen).tolist(), reverse=True)
+        bounds = E.length_groups(lengths, heads=2, call_cost=call_cost)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a < b for a, b in bounds)
+        assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+        best = min(_cost(lengths, p, 2, call_cost) for p in _partitions(n))
+        assert _cost(lengths, bounds, 2, call_cost) == best, (lengths, bounds)
+
+
+def _grads(module, loss):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _assert_same_grads(got, want):
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:  # fp32 sums in another order: an absolute tolerance on the gradient's own scale
+            torch.testing.assert_close(a, b, atol=5e-5 * max(1.0, float(b.abs().max())), rtol=1e-4)
+
+
+def test_grouped_attention_equals_one_call(seed, gen, monkeypatch):
+    """One long sequence and many short ones, out of length order: the PyTorch path calls attention per
+    length group over the sorted sequences, and outputs (in batch order) and gradients are the same."""
+    torch.manual_seed(seed)
+    enc = Encoder(_cfg(kernel_backend="torch")).train()
+    lengths = torch.tensor([3, 120, 2, 5, 3, 118, 1])
+    ids = torch.randint(2, 50, (len(lengths), 120), generator=gen)
+    calls = []
+    real = kernels.attention_varlen
+
+    def spy(q, k, v, cu_seqlens, max_seqlen, **kwargs):
+        calls.append(max_seqlen)
+        return real(q, k, v, cu_seqlens, max_seqlen, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_varlen", spy)
+    grouped = enc(ids, lengths=lengths)
+    g_grouped = _grads(enc, (grouped ** 2).sum())
+    assert len(calls) == 2 * enc.cfg.num_layers and sorted(set(calls)) == [5, 120]  # two groups a layer
+    calls.clear()
+    monkeypatch.setattr(Encoder, "_group_heads", lambda self, device: None)
+    single = enc(ids, lengths=lengths)
+    assert calls == [120] * enc.cfg.num_layers
+    torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-5)
+    _assert_same_grads(g_grouped, _grads(enc, (single ** 2).sum()))
+    assert torch.all(grouped[torch.arange(120)[None, :] >= lengths[:, None]] == 0)
+
+
+def test_a_batch_without_padding_is_packed_as_a_view():
+    seqs = E.Packing.from_lengths(torch.tensor([4, 4, 4]), 4, group_heads=2)
+    assert seqs.index is None and seqs.order is None and seqs.cu_seqlens.tolist() == [0, 4, 8, 12]
+    x = torch.randn(3, 4, 6)
+    assert seqs.pack(x).data_ptr() == x.data_ptr() and seqs.unpack(seqs.pack(x)).data_ptr() == x.data_ptr()
+
+
+def _models(kind, gen):
+    if kind == "moe":
+        cfg = moe_variant(_cfg(kernel_backend="torch"), num_experts=4, top_k=2, match="active", every=1)
+    else:
+        cfg = _cfg(kernel_backend="triton" if kind == "triton" else "torch", pre_layer_norm=kind == "pre-ln")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    enc = Encoder(cfg)
+    return cfg, enc
+
+
+@pytest.mark.parametrize("kind", ["post-ln", "pre-ln", "moe", "triton"])
+@pytest.mark.parametrize("head", ["pair", "choice"])
+def test_first_token_only_gives_the_full_loss_and_gradients(gen, kind, head):
+    cfg, enc = _models(kind, gen)
+    model = TaskModel(enc, make_head(head, cfg, enc, num_labels=3)).train()
+    lengths = torch.tensor([9, 3, 7, 9]) if kind != "triton" else torch.tensor([5, 2, 4, 5])
+    ids = torch.randint(2, 50, (4, int(lengths.max())), generator=gen)
+    batch = {"input_ids": ids, "lengths": lengths,
+             "labels": torch.tensor([0, 1]) if head == "choice" else torch.tensor([0, 2, 1, 1])}
+    if head == "choice":
+        batch["num_choices"] = 2
+    assert model.head.reads_first_token_only
+    calls = []
+    real = enc.forward
+    monkeypatch_forward = lambda *a, **kw: calls.append(kw.get("first_token_only")) or real(*a, **kw)  # noqa: E731
+    enc.forward = monkeypatch_forward
+    short = model(batch)
+    g_short = _grads(model, short["loss"] + sum(m.last_stats["balance_loss"] for m in enc.moe_layers()))
+    model.first_token_only = False
+    full = model(batch)
+    g_full = _grads(model, full["loss"] + sum(m.last_stats["balance_loss"] for m in enc.moe_layers()))
+    assert calls == [True, False]
+    torch.testing.assert_close(short["loss"], full["loss"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(short["logits"], full["logits"], atol=1e-5, rtol=1e-5)
+    _assert_same_grads(g_short, g_full)
+    assert sum(g.abs().sum() for g in g_short if g is not None) > 0
+
+
+def test_first_token_only_with_moe_routes_every_token(gen):
+    """The last MoE layer still routes (and counts) every real token, so the balance loss is the full one."""
+    cfg, enc = _models("moe", gen)
+    ids, lengths = torch.randint(2, 50, (3, 8), generator=gen), torch.tensor([8, 5, 2])
+    full = enc(ids, lengths=lengths)[:, :1]
+    stats = [m.last_stats["tokens_per_expert"].clone() for m in enc.moe_layers()]
+    short = enc(ids, lengths=lengths, first_token_only=True)
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    for m, want in zip(enc.moe_layers(), stats):
+        assert int(m.last_stats["tokens_per_expert"].sum()) == 15 * cfg.moe_top_k
+        torch.testing.assert_close(m.last_stats["tokens_per_expert"], want)
+
+
+def test_mean_pooling_dual_encoder_reads_every_token():
+    cfg = _cfg()
+    enc = Encoder(cfg)
+    assert not DualEncoderHead(cfg, enc, pooling="mean").reads_first_token_only
+    assert DualEncoderHead(cfg, enc, pooling="cls").reads_first_token_only
+    assert make_head("dual-encoder", cfg, enc).reads_first_token_only  # the pooler
+
+
+def test_first_token_only_refuses_hidden_states():
+    enc = Encoder(_cfg())
+    with pytest.raises(ValueError, match="first_token_only"):
+        enc(torch.randint(2, 50, (2, 4)), first_token_only=True, output_hidden_states=True)
