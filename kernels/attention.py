@@ -124,14 +124,18 @@ def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dro
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """(total, ...) packed rows -> (B, max_seqlen, ...) zero-padded; differentiable."""
     batch, pos = _row_positions(cu_seqlens, x.shape[0], x.device)
-    out = x.new_zeros((cu_seqlens.numel() - 1, max_seqlen) + tuple(x.shape[1:]))
-    return out.index_put((batch, pos), x)
+    B = cu_seqlens.numel() - 1
+    out = x.new_zeros((B * max_seqlen,) + tuple(x.shape[1:])).index_copy(0, batch * max_seqlen + pos, x)
+    return out.view((B, max_seqlen) + tuple(x.shape[1:]))
 
 
 def unpad_padded(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(B, S, ...) padded -> (total, ...) packed rows; inverse of `pad_packed`."""
     batch, pos = _row_positions(cu_seqlens, int(cu_seqlens[-1]), x.device)
-    return x[batch, pos]
+    # index_select on the flattened rows: its backward is an index_add, 2x faster on CPU than advanced
+    # indexing's accumulating index_put (one xlt-tiny XNLI-like batch's attention output, bf16, one thread)
+    B, S = x.shape[:2]
+    return x.reshape((B * S,) + tuple(x.shape[2:])).index_select(0, batch * S + pos)
 
 
 def _row_positions(cu_seqlens: torch.Tensor, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -259,7 +259,7 @@ class Packing(NamedTuple):
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1])
-        return x if self.index is None else x[self.index]
+        return x if self.index is None else x.index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:

@@ -135,7 +135,7 @@ class MoEFeedForward(nn.Module):
                 raise ValueError(f"MoEFeedForward: mask must have shape {tuple(x.shape[:-1])}, got "
                                  f"{tuple(mask.shape)}")
             idx = mask.reshape(-1).nonzero().squeeze(1)
-            flat = flat[idx]
+            flat = flat.index_select(0, idx)
         out = self._moe(flat)
         if idx is not None:
             out = out.new_zeros((x.numel() // self.hidden_size, self.hidden_size)).index_copy(0, idx, out)
