@@ -111,9 +111,9 @@ def _dropout_probe(B, H, S, lengths, causal):
 @pytest.mark.parametrize("seeded", [True, False], ids=["seed", "sdpa"])
 def test_dropout_of_the_cpu_path_reads_back_as_a_scaled_bernoulli_mask(gen, causal, seeded):
     """Dropout on the CPU path, both ways it runs: with a seed (the twin, mask from torch.Generator(seed))
-    and without (SDPA's own dropout). Through the probe above the output shows the mask itself: every
-    entry is 0 or exactly 1 / (n (1 - p)) (dropout after the softmax, scaled by 1 / (1 - p)), nothing leaks
-    to keys past a length or after the query (causal), the keep rate is 1 - p within 5 sigma, rows are not
+    and without (a fresh mask from the global generator). Through the probe above the output shows the mask
+    itself: every entry is 0 or exactly 1 / (n (1 - p)) (dropout after the softmax, scaled by 1 / (1 - p)),
+    nothing leaks to keys past a length or after the query (causal), the keep rate is 1 - p within 5 sigma, rows are not
     all alike; with a seed, the mask is the generator's draw, the same again for the same seed and not for
     another."""
     p, B, H, S = 0.3, 16, 4, 16
