@@ -31,10 +31,12 @@ Timing: within each repeat every arm runs one pass over the same `--steps` batch
 (A, B, C, A, B, C, ...) so that the ratios are side by side and robust to other load; after `--warmup` passes
 per arm (Triton compiles and autotunes then). CUDA events on GPU, perf_counter on CPU (bench/timing.py).
 Per row: step time (median over repeats of the pass time / steps, min, max), tokens/s counting real tokens
-only, the ratios to the other arms per repeat (median, min, max), exact training FLOPs
+only, the ratios to the other arms per repeat (median, min, max), exact training FLOPs of the full model
 (`EncoderConfig.flops_per_token` at each sequence's own length: the encoder's matmuls, forward + backward) per
 real token, MFU against the device's peak bf16 dense TFLOP/s (a table of GPUs; null on CPU unless --peak-
-tflops), peak memory (weights + optimizer state, counted exactly, plus the step's own peak: CUDA allocator
+tflops). MFU counts the model's FLOPs, the same for every arm: `xlt` with first-token heads skips most of the
+last layer's rows (TaskModel.first_token_only), so its MFU is the full model's work per second, above what the
+chip executes (`xlt-all-rows` computes every row). Then peak memory (weights + optimizer state, counted exactly, plus the step's own peak: CUDA allocator
 peak, or on CPU the resident-set peak VmHWM over the pass after malloc_trim), and on NVIDIA GPUs average power
 and energy per real token from the board's energy counter (nvidia-ml-py). Rows go to
 `bench/results/throughput_<device>.jsonl`, keyed by the device, its clocks, versions, preset and git commit

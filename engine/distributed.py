@@ -56,7 +56,11 @@ def setup(mode: str, device_type: str) -> Dist:
     """Join the process group torchrun prepared (once); mode "none" with one process is a no-op."""
     global _CURRENT
     world = launched_world()
-    if world == 1 or mode == "none":
+    if world > 1 and mode == "none":  # every process would act as rank 0 and write the same files
+        from .config import ConfigError  # engine.config imports this module's users: import it here
+        raise ConfigError(f"run.distributed 'none' under torchrun (WORLD_SIZE={world}): use ddp or fsdp2, or "
+                          "launch one process")
+    if world == 1:
         _CURRENT = Dist()
         return _CURRENT
     if not dist.is_initialized():
@@ -210,5 +214,14 @@ def shutdown() -> None:
         # every rank reaches the end before any tears gloo's connections down: a rank whose peer closed first
         # aborts ("terminate called without an active exception"), seen once in CI on the DDP test
         dist.barrier()
+        dist.destroy_process_group()
+    _CURRENT = Dist()
+
+
+def abandon() -> None:
+    """Close the process group where shutdown() did not (a run that failed): no barrier, the peers may be
+    gone or failing too."""
+    global _CURRENT
+    if dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = Dist()

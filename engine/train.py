@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteTraining as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.abandon()  # an error on one rank: close the process group without waiting for the others
     return 0
 
 

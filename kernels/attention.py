@@ -14,7 +14,8 @@ Layers, as in DESIGN.md:
 - `attention_reference`, the PyTorch twin: the test oracle, written out step by step;
 - `attention_torch`, the path taken off the kernels (CPU, backend="torch"): the same function through
   PyTorch SDPA (its fused CPU kernel instead of the twin's separate matmul / mask / softmax steps), and
-  the twin itself where SDPA cannot give the same result (seeded dropout, float64).
+  the twin itself where SDPA cannot give the same result (seeded dropout, float64) or is slower (dropout on
+  CPU, where SDPA falls back to a math path with a slower mask draw).
 
 Padded layout: query rows past a sequence's length still attend to that sequence's real keys, in the
 twin and in the kernels alike (their outputs are ignored downstream); keys past it get zero gradient;

@@ -118,9 +118,10 @@ class SelfAttention(nn.Module):
     def _first_query(self, x, seqs: "Packing", p: float):
         """Attention of each sequence's first token over all of its keys: (B, heads, 1, head_dim). One query
         row against many keys is not the self-attention that `kernels` implements (q, k, v of one shape), and
-        it is a sliver of the layer's work: F.scaled_dot_product_attention with the key mask computes it (the
-        function of kernels.attention_reference for that row). Keys and values are re-padded to the longest
-        sequence, in packed order."""
+        it is a sliver of the layer's work (B x heads x longest x head_dim): written out as
+        kernels.attention_reference computes it, in fp32, with no fused kernel whose backward could be
+        non-deterministic on a GPU (SDPA's memory-efficient kernel with a mask). Keys and values are
+        re-padded to the longest sequence, in packed order."""
         heads, d = self.cfg.num_heads, self.cfg.head_dim
         B, longest = seqs.batch, max(seqs.lengths)
         q = self.q(x[seqs.first_rows]).view(B, 1, heads, d).transpose(1, 2)
@@ -132,7 +133,11 @@ class SelfAttention(nn.Module):
                     for proj in (self.k, self.v))
             lengths = seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1]
             mask = (torch.arange(longest, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * d ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=p, training=p > 0.0)
+        return torch.matmul(probs, v.float()).to(q.dtype)
 
 
 def make_ffn(cfg: EncoderConfig, index: int) -> nn.Module:
@@ -226,7 +231,7 @@ class Packing(NamedTuple):
         host = [int(n) for n in lengths.tolist()]  # one host sync, as the packing index needs anyway
         B = len(host)
         if all(n == seq_len for n in host):
-            cu = torch.arange(0, (B + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+            cu = torch.arange(B + 1, dtype=torch.int32, device=device) * seq_len
             return cls(None, cu, seq_len, B, tuple(host))
         order = None
         if group_heads:
@@ -256,10 +261,6 @@ class Packing(NamedTuple):
     def pack_ids(self, t: torch.Tensor) -> torch.Tensor:
         """(B, S) -> (total_tokens,) values of the real tokens."""
         return t.reshape(-1) if self.index is None else t.reshape(-1)[self.index]
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1])
-        return x if self.index is None else x.index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:

@@ -110,3 +110,12 @@ def test_engine_train_under_torchrun(one_process_run, tmp_path, mode):
         lines = [json.loads(x) for x in (out / phase / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in lines if "loss" in r]
         assert steps == sorted(set(steps))  # logged once, by rank 0
+
+
+def test_no_distribution_under_torchrun_is_refused(monkeypatch):
+    """run.distributed none with WORLD_SIZE > 1 would make every process rank 0, writing the same files."""
+    from engine import distributed
+    from engine.config import ConfigError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="run.distributed 'none' under torchrun"):
+        distributed.setup("none", "cpu")

@@ -184,9 +184,10 @@ def test_moe_encoder_is_one_option(study, tmp_path, upcycle):
                         ("model.experts", "4"), ("model.upcycle", str(upcycle).lower()),
                         ("model.top_k", "1" if upcycle else "2"),  # upcycled top-1 copies: active-matched
                         ("protocol.conditions", "baseline"), ("protocol.targets", "syn-xnli"),
-                        # At the fixture's 4 epochs of lr 3e-3 this tiny MoE stays on the ln 3 plateau for some
-                        # dropout streams (English 35.0 or 43.0 in 3 of 8 runs: run seeds 0-3 x both variants);
-                        # at 8 epochs of 1e-3 it left it in 8 of 8 (English 47-60, last losses 0.61-0.98).
+                        # At the fixture's 4 epochs of lr 3e-3 this tiny MoE stayed on the ln 3 plateau in 2 of
+                        # 8 runs (run seeds 0-3 x both variants: English 35.0, the majority class) and reached
+                        # only 43.0 in a third; at 8 epochs of 1e-3 all 8 left it (English 47-60, the
+                        # last logged losses 0.61-0.98).
                         ("target.lr", "1e-3"), ("target.epochs", "8")])
     results = run_study(cfg)
     pre = results["phases"]["pretrain"]
