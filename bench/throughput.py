@@ -36,9 +36,10 @@ only, the ratios to the other arms per repeat (median, min, max), exact training
 real token, MFU against the device's peak bf16 dense TFLOP/s (a table of GPUs; null on CPU unless --peak-
 tflops). MFU counts the model's FLOPs, the same for every arm: `xlt` with first-token heads skips most of the
 last layer's rows (TaskModel.first_token_only), so its MFU is the full model's work per second, above what the
-chip executes (`xlt-all-rows` computes every row). Then peak memory (weights + optimizer state, counted exactly, plus the step's own peak: CUDA allocator
-peak, or on CPU the resident-set peak VmHWM over the pass after malloc_trim), and on NVIDIA GPUs average power
-and energy per real token from the board's energy counter (nvidia-ml-py). Rows go to
+chip executes (`xlt-all-rows` computes every row). Then peak memory (weights + optimizer state, counted
+exactly, plus the step's own peak: CUDA allocator peak, or on CPU the resident-set peak VmHWM over the pass
+after malloc_trim), and on NVIDIA GPUs average power and energy per real token from the board's energy
+counter (nvidia-ml-py). Rows go to
 `bench/results/throughput_<device>.jsonl`, keyed by the device, its clocks, versions, preset and git commit
 (bench/env.py). `python -m bench.report` turns them into tables and plots.
 """
