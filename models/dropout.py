@@ -2,10 +2,10 @@
 
 On CPU, F.dropout draws its mask with `bernoulli_`; comparing a uniform draw with p gives the same
 distribution (each element kept with probability 1 - p, kept ones scaled by 1 / (1 - p); tested in
-tests/models/test_dropout.py) faster: forward + backward of one xlt-tiny XNLI-like batch's hidden states
-(1475 x 128, bf16, one thread) took 1.15 ms against nn.Dropout's 1.44 ms (median of 7 x 50 calls, 1.07-1.34x
-per repeat; `pytest bench/test_kernel_micro.py -k dropout --benchmark-only` times the pair). On GPU
-F.dropout's fused kernel is kept.
+tests/models/test_dropout.py) slightly faster: forward + backward of one xlt-tiny XNLI-like batch's hidden
+states (1475 x 128, bf16) in `pytest bench/test_kernel_micro.py -k dropout --benchmark-only` took 1.41 ms
+against nn.Dropout's 1.48 ms (2 rounds on CPU: within this machine's noise). On GPU F.dropout's fused kernel
+is kept.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import torch.nn as nn
 
 
 class Dropout(nn.Dropout):
+    def __init__(self, p: float = 0.5):  # no `inplace`: the CPU path returns a new tensor
+        super().__init__(p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.p >= 1.0:
             return super().forward(x)

@@ -24,6 +24,11 @@ def test_dropout_keeps_1_minus_p_scaled(seed, p, dtype):
     assert (cols - (1 - p)).abs().max() < 6 * (p * (1 - p) / 400) ** 0.5
 
 
+def test_dropout_has_no_inplace_option():
+    with pytest.raises(TypeError):
+        Dropout(0.1, inplace=True)
+
+
 def test_dropout_is_the_identity_when_off():
     x = torch.randn(3, 4)
     assert Dropout(0.1).eval()(x) is x
