@@ -1,7 +1,7 @@
 """Run a model over task rows, decode predictions in each task's native form, and score them with
-`eval.metrics` (the XTREME metrics). Retrieval uses the encoder alone: mean-pooled hidden states of
-one layer, nearest neighbour by cosine similarity; a dual encoder (ranking tasks) ranks a candidate pool with
-the pooling it was trained with."""
+`eval.metrics` (the XTREME metrics). Retrieval uses the encoder alone: pooled hidden states of one layer
+(`embed`; XTREME's choice for XLM-R: mean pooling), nearest neighbour by cosine similarity; a dual encoder
+(ranking tasks) ranks a candidate pool with the pooling it was trained with."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from eval import metrics, retrieval
+from eval import metrics
+from eval.run import rank_queries
 from eval.tasks import TaskSpec
 from models import Encoder, TaskModel
 
@@ -17,6 +18,7 @@ from .data import batches, device_of, featurize, to_device
 
 MAX_ANSWER_TOKENS = 30  # SQuAD's usual bound on predicted answer length, in subwords
 TOP_SPANS = 20
+POOLINGS = ("mean", "cls", "pooler")  # how `embed` turns a layer's hidden states into one sentence vector
 
 
 @torch.no_grad()
@@ -97,19 +99,38 @@ def evaluate_task(model: TaskModel, task: TaskSpec, rows: list[dict], tokenizer,
     return metrics.score(task.metric, preds, gold(task, rows), lang=lang), preds
 
 
-def evaluate_retrieval(encoder: Encoder, task: TaskSpec, rows: list[dict], tokenizer, layer: int, max_len: int,
-                       batch_size: int) -> tuple[dict, list[int]]:
-    """Tatoeba-style: for each source sentence, the index of the nearest target sentence (mean-pooled layer
-    `layer`, as XTREME does for XLM-R)."""
-    src, tgt = (retrieval.embed(encoder, tokenizer, [r[side] for r in rows], layer, "mean", max_len, batch_size)
-                for side in ("source", "target"))
-    preds = retrieval.nearest(src, tgt)
-    return metrics.score(task.metric, preds, list(range(len(rows)))), preds
+@torch.no_grad()
+def embed(encoder: Encoder, tokenizer, sentences: list[str], layer: int, pooling: str = "mean", max_len: int = 128,
+          batch_size: int = 32) -> torch.Tensor:
+    """(n, hidden) float32 sentence vectors from hidden layer `layer` (0 = embeddings, num_layers = last):
+    mean over all tokens, special tokens included (XTREME's choice for XLM-R), the first token, or the encoder's
+    pooler (dense + tanh) on the first token (the XTREME-R dual-encoder baselines, at the last layer)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    if not 0 <= layer <= encoder.cfg.num_layers:
+        raise ValueError(f"layer {layer}: expected 0..{encoder.cfg.num_layers} (0 = embeddings)")
+    encoder.eval()
+    out = torch.empty(len(sentences), encoder.cfg.hidden_size)
+    enc = tokenizer(sentences, truncation=True, max_length=max_len)
+    feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
+    device = device_of(encoder)
+    for batch in batches(feats, batch_size, tokenizer.pad_token_id):
+        batch = to_device(batch, device)
+        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_layer=layer).float()
+        if pooling == "pooler":
+            pooled = encoder.pooler(states).float()
+        elif pooling == "cls":
+            pooled = states[:, 0]
+        else:
+            mask = (torch.arange(states.shape[1], device=device)[None, :] < batch["lengths"][:, None]).float()
+            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out[batch["example"]] = pooled.cpu()
+    return out
 
 
 def embedder(encoder: Encoder, tokenizer, layer: int, pooling: str, max_len: int, batch_size: int):
-    """sentences -> (n, hidden) vectors: `pooling` of hidden layer `layer` (eval.retrieval.embed)."""
-    return functools.partial(retrieval.embed, encoder, tokenizer, layer=layer, pooling=pooling, max_len=max_len,
+    """sentences -> (n, hidden) vectors: `pooling` of hidden layer `layer` (`embed`)."""
+    return functools.partial(embed, encoder, tokenizer, layer=layer, pooling=pooling, max_len=max_len,
                              batch_size=batch_size)
 
 
@@ -124,8 +145,6 @@ def dual_encoder_embedders(model: TaskModel, tokenizer, max_len: int, query_max_
 def evaluate_ranking(model: TaskModel, rows: list[dict], tokenizer, max_len: int, query_max_len: int,
                      batch_size: int) -> dict:
     """mAP@20 (0-100) of a dual encoder ranking the rows' candidate pool for their queries (dev selection)."""
-    from eval.run import rank_queries
-
     candidates, queries = dual_encoder_embedders(model, tokenizer, max_len, query_max_len, batch_size)
     predictions, gold = rank_queries(candidates, rows, {}, queries)
     return metrics.score("map@20", predictions, gold)

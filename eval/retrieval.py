@@ -1,48 +1,15 @@
-"""Sentence retrieval without fine-tuning, as XTREME evaluates it: pooled hidden states of one encoder layer,
-Tatoeba by nearest neighbour (cosine), BUCC 2018 by margin-based mining (Artetxe & Schwenk 2019: ratio
-margin over k = 4 neighbours each way, the "max" candidate set of xtreme's utils_retrieve.py), with the score
-threshold tuned on the dev (sample) split's gold pairs and applied to test. XTREME-R's Mewsli-X and LAReQA
-rank a candidate pool by cosine (`rank`), the encoder used as a dual encoder (queries and candidates embedded
-alike).
+"""Sentence retrieval without fine-tuning, as XTREME evaluates it, on sentence vectors (pooled hidden states of
+one encoder layer, embedded by the engine: engine.evaluate.embed): Tatoeba by nearest neighbour (cosine), BUCC
+2018 by margin-based mining (Artetxe & Schwenk 2019: ratio margin over k = 4 neighbours each way, the "max"
+candidate set of xtreme's utils_retrieve.py), with the score threshold tuned on the dev (sample) split's gold
+pairs and applied to test. XTREME-R's Mewsli-X and LAReQA rank a candidate pool by cosine (`rank`), the encoder
+used as a dual encoder (queries and candidates embedded alike).
 
 One simplification against utils_retrieve.py: sentences are kept by id, where it first merges identical
 sentences and drops ids whose text repeats; on corpora without repeated sentences the two agree."""
 from __future__ import annotations
 
 import torch
-
-POOLINGS = ("mean", "cls", "pooler")
-
-
-@torch.no_grad()
-def embed(encoder, tokenizer, sentences: list[str], layer: int, pooling: str = "mean", max_len: int = 128,
-          batch_size: int = 32) -> torch.Tensor:
-    """(n, hidden) float32 sentence vectors from hidden layer `layer` (0 = embeddings, num_layers = last):
-    mean over all tokens, special tokens included (XTREME's choice for XLM-R), the first token, or the encoder's
-    pooler (dense + tanh) on the first token (the XTREME-R dual-encoder baselines, at the last layer)."""
-    from engine.data import batches, device_of, to_device
-
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-    if not 0 <= layer <= encoder.cfg.num_layers:
-        raise ValueError(f"layer {layer}: expected 0..{encoder.cfg.num_layers} (0 = embeddings)")
-    encoder.eval()
-    out = torch.empty(len(sentences), encoder.cfg.hidden_size)
-    enc = tokenizer(sentences, truncation=True, max_length=max_len)
-    feats = [{"input_ids": ids, "example": i} for i, ids in enumerate(enc["input_ids"])]
-    device = device_of(encoder)
-    for batch in batches(feats, batch_size, tokenizer.pad_token_id):
-        batch = to_device(batch, device)
-        states = encoder(batch["input_ids"], lengths=batch["lengths"], output_layer=layer).float()
-        if pooling == "pooler":
-            pooled = encoder.pooler(states).float()
-        elif pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            mask = (torch.arange(states.shape[1], device=device)[None, :] < batch["lengths"][:, None]).float()
-            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        out[batch["example"]] = pooled.cpu()
-    return out
 
 
 def nearest(queries: torch.Tensor, targets: torch.Tensor) -> list[int]:

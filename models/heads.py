@@ -150,7 +150,7 @@ class DualEncoderHead(nn.Module):
     third_party/bert.py, BertForRetrieval): queries and candidates go through the same encoder, each is pooled
     into one L2-normalised vector, and each query is trained to pick its own candidate among the batch's
     (in-batch negatives, one direction: softmax over logit_scale * cosine similarities, the scale trainable and
-    started at 100 as there). Pooling as eval.retrieval.embed pools: "pooler" (the encoder's dense + tanh on the
+    started at 100 as there). Pooling as engine.evaluate.embed pools: "pooler" (the encoder's dense + tanh on the
     first token, the baseline's choice), "cls" (the first token) or "mean" (all tokens, special ones included).
     The batch holds (query, candidate) pairs flattened as multiple-choice rows are, q0 c0 q1 c1 ...; `labels` name
     each pair's candidate, so a batch that holds one candidate twice does not count the copy as a negative. The

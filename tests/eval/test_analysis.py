@@ -38,7 +38,7 @@ def test_suite_view_of_the_mock_submission():
     assert view["mean_gap"] == pytest.approx(sum(gaps) / len(gaps)) and len(gaps) == 7
     table = analysis.markdown(view)
     assert "| xnli | 30.0 |" in table and "zh (10.0)" in table
-    json.dumps(view)  # serialisable as written by eval.run
+    json.dumps(view)  # serialisable as written by engine.zero_shot
 
 
 def test_chance_corrected_ratio():

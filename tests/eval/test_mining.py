@@ -108,3 +108,13 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
         retrieval.mine(x, x, chunk=0)
     assert retrieval.mine(x[:0], x) == [] and retrieval.mine(x, x[:0]) == []
+
+
+def test_mining_and_threshold_on_planted_vectors():
+    src = torch.eye(4)
+    tgt = torch.eye(4)[[2, 0, 3, 1]] + 0.01  # target j is the translation of source [2, 0, 3, 1][j]
+    pairs = {(i, j) for i, j, _ in retrieval.mine(src, tgt)}
+    assert pairs == {(2, 0), (0, 1), (3, 2), (1, 3)}
+    cands = {("a", "x"): 3.0, ("b", "y"): 2.0, ("c", "z"): 1.0}
+    assert retrieval.best_threshold(cands, {("a", "x"), ("b", "y")}) == 1.5
+    assert retrieval.best_threshold(cands, {("a", "x"), ("b", "y"), ("c", "z")}) == 1.0  # last candidate kept

@@ -1,6 +1,6 @@
 """XTREME-R's ranking tasks, Mewsli-X and LAReQA: loaders on fixture files written here in the official formats
-(google-research get-mewsli-x.sh output, google-research-datasets/lareqa xquad-r/), eval.run end to end with a
-tiny random encoder, and planted embeddings that give a perfect and a known mAP@20 through the whole path."""
+(google-research get-mewsli-x.sh output, google-research-datasets/lareqa xquad-r/), engine.zero_shot end to end
+with a tiny random encoder, and planted embeddings that give a perfect and a known mAP@20 through the whole path."""
 import json
 import re
 from pathlib import Path
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import loaders, retrieval, score
-from eval.run import main
+from engine import evaluate
+from engine.zero_shot import main
+from eval import loaders, score
 from eval.suites import SUITES
 
 MEWSLIX_LANGS = SUITES["xtreme-r"].task("mewslix").languages
@@ -236,7 +237,7 @@ def test_malformed_files_name_file_line_and_field(tmp_path):
         loaders.read_xquad_r(xq / "de.json")
 
 
-# ----- eval.run ---------------------------------------------------------------------------------------------
+# ----- engine.zero_shot -------------------------------------------------------------------------------------
 def test_run_writes_rankings_that_eval_score_rescores(setup, capsys):
     out = setup / "out"
     code = main(["--model", str(setup / "model"), "--suite", "xtreme-r", "--tasks", "mewslix,lareqa",
@@ -298,7 +299,7 @@ def planted(rows_by_task, constructed: bool):
 def test_planted_embeddings_give_known_map(setup, monkeypatch, capsys, constructed):
     rows = {task: loaders.load_local(task, setup / "data", "de") for task in ("mewslix", "lareqa")}
     vectors = planted(rows, constructed)
-    monkeypatch.setattr(retrieval, "embed", lambda encoder, tokenizer, sentences, **kw: torch.stack(
+    monkeypatch.setattr(evaluate, "embed", lambda encoder, tokenizer, sentences, **kw: torch.stack(
         [vectors[s] for s in sentences]))
     monkeypatch.setattr("eval.run.POOL_CHUNK", 3)  # the pool embedded in pieces ranks the same
     out = setup / f"planted-{constructed}"

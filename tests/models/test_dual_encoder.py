@@ -1,5 +1,5 @@
 """The dual-encoder head (Mewsli-X, LAReQA): in-batch negatives over scaled cosine similarities, duplicates of
-a pair's candidate not counted as negatives, pooling as eval.retrieval.embed pools."""
+a pair's candidate not counted as negatives, pooling as engine.evaluate.embed pools."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,12 +1,12 @@
-"""eval.run end to end: a tiny random encoder and a tokenizer built here, on fixture Tatoeba and BUCC files.
+"""engine.zero_shot end to end: a tiny random encoder and a tokenizer built here, on fixture Tatoeba and BUCC files.
 An untrained encoder retrieves near chance, so the test checks layout, ranges and consistency, not quality."""
 import json
 
 import pytest
 import torch
 
-from eval import retrieval
-from eval.run import main
+from engine.evaluate import embed
+from engine.zero_shot import main
 from eval.score import score_task
 from eval.suites import SUITES
 
@@ -73,21 +73,11 @@ def test_mean_and_cls_pooling_differ_and_layers_are_checked(setup):
     from models import hf
 
     encoder, tokenizer = hf.load_encoder(setup / "model"), hf.load_tokenizer(setup / "model")
-    mean = retrieval.embed(encoder, tokenizer, GERMAN[:2], layer=2, pooling="mean")
-    cls = retrieval.embed(encoder, tokenizer, GERMAN[:2], layer=2, pooling="cls")
+    mean = embed(encoder, tokenizer, GERMAN[:2], layer=2, pooling="mean")
+    cls = embed(encoder, tokenizer, GERMAN[:2], layer=2, pooling="cls")
     assert mean.shape == cls.shape == (2, encoder.cfg.hidden_size) and not torch.allclose(mean, cls)
     with pytest.raises(ValueError, match="layer 3: expected 0..2"):
-        retrieval.embed(encoder, tokenizer, GERMAN[:1], layer=3)
-
-
-def test_mining_and_threshold_on_planted_vectors():
-    src = torch.eye(4)
-    tgt = torch.eye(4)[[2, 0, 3, 1]] + 0.01  # target j is the translation of source [2, 0, 3, 1][j]
-    pairs = {(i, j) for i, j, _ in retrieval.mine(src, tgt)}
-    assert pairs == {(2, 0), (0, 1), (3, 2), (1, 3)}
-    cands = {("a", "x"): 3.0, ("b", "y"): 2.0, ("c", "z"): 1.0}
-    assert retrieval.best_threshold(cands, {("a", "x"), ("b", "y")}) == 1.5
-    assert retrieval.best_threshold(cands, {("a", "x"), ("b", "y"), ("c", "z")}) == 1.0  # last candidate kept
+        embed(encoder, tokenizer, GERMAN[:1], layer=3)
 
 
 def test_errors_exit_2_and_write_nothing(setup, capsys):
