@@ -116,7 +116,7 @@ DROPOUT_SHAPE = (16384, 1024) if CUDA else (1475, 128)  # CPU: one xlt-tiny XNLI
 
 @pytest.mark.parametrize("impl", ["xlt", "nn"])
 def test_hidden_dropout_fwd_bwd(benchmark, impl):
-    """models.dropout.Dropout (on CPU a uniform draw compared with p) against nn.Dropout (bernoulli_)."""
+    """models.dropout.Dropout (on CPU kernels.dropout_mask's 16-bit draws) against nn.Dropout (bernoulli_)."""
     from models.dropout import Dropout
     layer = (Dropout(0.1) if impl == "xlt" else torch.nn.Dropout(0.1)).train()
     x = torch.randn(DROPOUT_SHAPE, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
@@ -127,3 +127,18 @@ def test_hidden_dropout_fwd_bwd(benchmark, impl):
         layer(x).backward(dy)
     benchmark.extra_info.update(shape=DROPOUT_SHAPE, dtype="bf16")
     _run(benchmark, step)
+
+
+MASK_SHAPE = (32, 4, 128, 128)  # attention probabilities of one xlt-tiny full-length batch (B, heads, S, S)
+
+
+@pytest.mark.parametrize("impl", ["keep_mask", "rand_compare", "bernoulli"])
+def test_dropout_mask(benchmark, impl):
+    """A dropout keep mask of MASK_SHAPE on CPU: kernels.dropout_mask.keep_mask (four 16-bit draws per 64-bit
+    generator call) against a float uniform compare (torch.rand >= p) and bernoulli_ (what F.dropout draws)."""
+    from kernels.dropout_mask import keep_mask
+    draw = {"keep_mask": lambda: keep_mask(MASK_SHAPE, 0.1)[0],
+            "rand_compare": lambda: torch.rand(MASK_SHAPE) >= 0.1,
+            "bernoulli": lambda: torch.empty(MASK_SHAPE).bernoulli_(0.9)}[impl]
+    benchmark.extra_info.update(shape=MASK_SHAPE, p=0.1)
+    benchmark.pedantic(draw, rounds=20, warmup_rounds=2, iterations=1)  # a CPU op: cheap enough for 20 rounds

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .dropout_mask import keep_mask
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # one (BLOCK, head_dim) tile of q, k, v, dO and the accumulators must fit on chip
@@ -80,7 +81,10 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
     B, H, S, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     ct = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    v = v.to(ct)
+    # the scale on q and dropout's 1 / (1 - p) on v, not on the (S, S) scores and probabilities: the same
+    # function with two fewer passes over the largest tensors
+    scores = torch.matmul(q.to(ct) * scale, k.to(ct).transpose(-1, -2))
     keep = None
     if lengths is not None:
         key_pos = torch.arange(S, device=q.device)
@@ -98,24 +102,26 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
             g = torch.Generator(device=q.device).manual_seed(seed)
             dropout_mask = torch.rand(probs.shape, generator=g, device=q.device) >= dropout_p
         if dropout_mask is not None:
-            probs = probs * dropout_mask.to(q.device, ct) / (1.0 - dropout_p)
+            probs = torch.where(dropout_mask.to(q.device), probs, 0.0)
+            v = v / (1.0 - dropout_p)
         else:
             probs = F.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v.to(ct)).to(q.dtype)
+    return torch.matmul(probs, v).to(q.dtype)
 
 
 def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dropout_p=0.0, seed=None):
     """`attention_reference`'s function through F.scaled_dot_product_attention. A seeded dropout mask
     (reproducible from `seed`) and float64 (the oracle's precision) go to the twin itself. So does dropout on
     CPU: there SDPA with dropout falls back to its fp32 math path and draws the mask with `bernoulli_`; the
-    twin computes the same in fp32 with the mask drawn as a uniform compare (the effect on training steps:
+    twin computes the same in fp32 with the mask from `kernels.dropout_mask.keep_mask` (the effect on training steps:
     the throughput rows in bench/README.md; the mask is checked in tests/kernels/test_twins.py)."""
     if (dropout_p > 0.0 and seed is not None) or q.dtype not in TRITON_DTYPES:
         return attention_reference(q, k, v, lengths, causal, softmax_scale, dropout_p, seed=seed)
     if dropout_p > 0.0 and q.device.type == "cpu":
         B, H, S = q.shape[:3]
-        keep = torch.rand((B, H, S, k.shape[2]), device=q.device) >= dropout_p
-        return attention_reference(q, k, v, lengths, causal, softmax_scale, dropout_p, dropout_mask=keep)
+        keep, keep_prob = keep_mask((B, H, S, k.shape[2]), dropout_p, q.device)
+        # the mask's exact drop probability (dropout_p rounded to a multiple of 2^-16) scales the kept ones
+        return attention_reference(q, k, v, lengths, causal, softmax_scale, 1.0 - keep_prob, dropout_mask=keep)
     S = q.shape[2]
     mask = None
     if lengths is not None:

@@ -1,5 +1,6 @@
 """models.dropout.Dropout: nn.Dropout's function (each element kept with probability 1 - p, scaled by
-1 / (1 - p); identity in eval mode) with the gradient of that mask."""
+1 / (1 - p), p rounded to a multiple of 2^-16 as kernels.dropout_mask rounds it; identity in eval mode) with the
+gradient of that mask."""
 import pytest
 import torch
 
@@ -16,9 +17,11 @@ def test_dropout_keeps_1_minus_p_scaled(seed, p, dtype):
     rate = kept.float().mean().item()
     n = x.numel()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # within 5 standard errors of 1 - p
-    torch.testing.assert_close(y[kept], (x[kept].float() / (1 - p)).to(dtype))
+    keep_prob = 1 - round(p * 2**16) / 2**16
+    assert abs(keep_prob - (1 - p)) < 2**-17
+    torch.testing.assert_close(y[kept], (x[kept].float() / keep_prob).to(dtype))
     y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, (kept.to(dtype) / (1 - p)).to(dtype))
+    torch.testing.assert_close(x.grad, (kept.to(dtype) / keep_prob).to(dtype))
     rows, cols = kept.float().mean(1), kept.float().mean(0)  # no structure: every row and column near 1 - p
     assert (rows - (1 - p)).abs().max() < 6 * (p * (1 - p) / 500) ** 0.5
     assert (cols - (1 - p)).abs().max() < 6 * (p * (1 - p) / 400) ** 0.5
