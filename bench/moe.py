@@ -1,7 +1,7 @@
 """MoE FFN layer forward+backward: time, tokens/s and peak memory against the dense FFN of equal active
-FLOPs (intermediate size top_k * F), the PyTorch path, the twin's autograd loop as experts (that path's
-ablation), a torch._grouped_mm expert path, and megablocks' dMoE when installed; plus the routing overhead
-(router, top-k, permute, combine) as a share of the layer's time.
+FLOPs (intermediate size top_k * F), the PyTorch twin path, a torch._grouped_mm expert path, and
+megablocks' dMoE when installed; plus the routing overhead (router, top-k, permute, combine) as a share
+of the layer's time.
 
     python -m bench.moe [--device cpu|cuda] [--out bench/results/moe_<device>.jsonl] [--tiny]
                         [--tokens N --hidden H --ffn F --experts E --top-k K --dtype fp32|bf16]
@@ -40,15 +40,6 @@ class _GroupedMMMoE(MoEFeedForward):
         rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x_sorted.device), tokens_per_expert)
         h = torch._grouped_mm(x_sorted, self.w_up.transpose(1, 2), offs=offs) + self.b_up[rows]
         return torch._grouped_mm(F.gelu(h), self.w_down.transpose(1, 2), offs=offs) + self.b_down[rows]
-
-
-class _TwinMoE(MoEFeedForward):
-    """The same layer with the expert FFN as the twin's autograd loop (`moe_expert_ffn_reference`) whatever the
-    load: the ablation of the CPU path's padded batched GEMMs (`kernels.moe._PaddedExpertFFN`)."""
-
-    def experts(self, x_sorted, tokens_per_expert):
-        return kernels.moe_expert_ffn_reference(x_sorted, tokens_per_expert, self.w_up, self.b_up, self.w_down,
-                                                self.b_down)
 
 
 def _fwd_bwd(layer, x, dy):
@@ -101,7 +92,6 @@ def run(args) -> list[dict]:
     variants = {"dense_equal_active": lambda: FeedForward(H, k * Fd)}
     for b in backends:
         variants[f"moe_{b}"] = lambda b=b: MoEFeedForward(H, Fd, E, k, kernel_backend=b)
-    variants["moe_twin_loop"] = lambda: _TwinMoE(H, Fd, E, k, kernel_backend="torch")
     variants["moe_grouped_mm"] = lambda: _GroupedMMMoE(H, Fd, E, k, kernel_backend="torch")
     variants["megablocks_dmoe"] = lambda: _megablocks(args, device, dtype)
     rows = []
@@ -117,7 +107,7 @@ def run(args) -> list[dict]:
                 layer.zero_grad(set_to_none=True)
                 peak, _ = cuda_peak_extra_bytes(step)
                 row.update(peak_extra_mib=round(peak / 2**20, 1), memory_method=CUDA_MEMORY_METHOD)
-            if type(layer) is MoEFeedForward:
+            if isinstance(layer, MoEFeedForward) and not isinstance(layer, _GroupedMMMoE):
                 rms = median_ms(_routing_step(layer, x, dy), device, args.repeats, warmup=WARMUP)
                 row.update(routing_ms=round(rms, 3), routing_share=round(rms / ms, 4))
             del layer, step

@@ -1,7 +1,6 @@
 """XLT kernels: one public entry per op. Each dispatches to its Triton kernel (CUDA, or the interpreter
 when asked) or to its pure-PyTorch twin (`*_reference`, the test oracle and the CPU path; attention's CPU path is
-`attention_torch`, the twin's function through PyTorch SDPA; the expert FFN's pads a balanced load to batched
-GEMMs, `kernels.moe._PaddedExpertFFN`)."""
+`attention_torch`, the twin's function through PyTorch SDPA)."""
 from .attention import attention, attention_reference, attention_torch, attention_varlen
 from .cross_entropy import (cross_entropy, cross_entropy_reference, linear_cross_entropy,
                             linear_cross_entropy_reference)

@@ -102,7 +102,7 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
             g = torch.Generator(device=q.device).manual_seed(seed)
             dropout_mask = torch.rand(probs.shape, generator=g, device=q.device) >= dropout_p
         if dropout_mask is not None:
-            probs = torch.where(dropout_mask.to(q.device), probs, 0.0)
+            probs = probs * dropout_mask.to(q.device, ct)
             v = v / (1.0 - dropout_p)
         else:
             probs = F.dropout(probs, p=dropout_p, training=True)

@@ -5,9 +5,8 @@
 FFN (up, exact GELU, down) over its contiguous group of rows; `moe_unpermute` scatters expert outputs
 back, weighting each by its combine weight. Dropless by default: every assignment is kept; a per-expert
 `capacity` (dropping, for comparison only) keeps each expert's first `capacity` assignments in token
-order. The PyTorch twins here are the oracle and the CPU path (the expert FFN's CPU path pads a balanced load to
-batched GEMMs, `_PaddedExpertFFN`); the Triton kernels (below the twins) run on CUDA, or under TRITON_INTERPRET=1
-when asked for.
+order. The PyTorch twins here are the oracle and the CPU path; the Triton kernels (below the twins)
+run on CUDA, or under TRITON_INTERPRET=1 when asked for.
 """
 from __future__ import annotations
 
@@ -167,68 +166,7 @@ def moe_expert_ffn(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_up
             raise ValueError(f"moe_expert_ffn: {name} must be ({E}, {n}) or None, got {tuple(b.shape)}")
     if dispatch.resolve("moe_expert_ffn", backend, x_sorted.device) == "triton":
         return dispatch.triton_impl("moe_expert_ffn")(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down)
-    return _expert_ffn_torch(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down)
-
-
-# The CPU path pads the experts' rows to (E, C, .) while that costs at most PAD_SLACK rows per real row, so that
-# each GEMM is one batched call instead of E small ones; with a less balanced load it runs the twin's loop. The
-# speed: bench.moe's moe_torch against moe_twin_loop rows (bench/README.md).
-PAD_SLACK = 1.5
-
-
-def padded_capacity(counts: list[int]) -> int | None:
-    """Rows per expert of the CPU path's padded layout (the largest group), or None when padding would cost more
-    than PAD_SLACK rows per real row."""
-    rows, cap = sum(counts), max(counts, default=0)
-    return cap if rows and len(counts) * cap <= PAD_SLACK * rows else None
-
-
-def _expert_ffn_torch(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down):
-    cap = padded_capacity(tokens_per_expert.tolist())  # the host sync the twin's loop has too
-    if cap is None:
-        return moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down)
-    return _PaddedExpertFFN.apply(x_sorted, tokens_per_expert, cap, w_up, b_up, w_down, b_down)
-
-
-class _PaddedExpertFFN(torch.autograd.Function):
-    """moe_expert_ffn with every expert's rows padded to `cap`: batched GEMMs over (E, cap, .), one GELU, the
-    backward written out. Padding rows get zero output gradients, so they add nothing to any gradient."""
-
-    @staticmethod
-    def forward(ctx, x, counts, cap, w_up, b_up, w_down, b_down):
-        E, _, H = w_up.shape
-        slot = _padded_slots(counts, cap)
-        xp = x.new_zeros((E * cap, H)).index_copy_(0, slot, x).view(E, cap, H)
-        h = _bmm_bias(xp, w_up.transpose(1, 2), b_up)
-        act = F.gelu(h)
-        ctx.save_for_backward(xp, h, act, w_up, w_down, slot)
-        ctx.has_bias = (b_up is not None, b_down is not None)
-        return _bmm_bias(act, w_down.transpose(1, 2), b_down).view(E * cap, H).index_select(0, slot)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xp, h, act, w_up, w_down, slot = ctx.saved_tensors
-        need_x, _, _, need_wu, need_bu, need_wd, need_bd = ctx.needs_input_grad
-        E, cap, H = xp.shape
-        dyp = dy.new_zeros((E * cap, H)).index_copy_(0, slot, dy).view(E, cap, H)
-        dh = torch.ops.aten.gelu_backward(torch.bmm(dyp, w_down), h)
-        dx = torch.bmm(dh, w_up).view(E * cap, H).index_select(0, slot) if need_x else None
-        return (dx, None, None,
-                torch.bmm(dh.transpose(1, 2), xp) if need_wu else None,
-                dh.sum(1) if need_bu and ctx.has_bias[0] else None,
-                torch.bmm(dyp.transpose(1, 2), act) if need_wd else None,
-                dyp.sum(1) if need_bd and ctx.has_bias[1] else None)
-
-
-def _padded_slots(counts: torch.Tensor, cap: int) -> torch.Tensor:
-    """Row of each expert-sorted row in the (E * cap) padded layout: expert e's i-th row goes to e * cap + i."""
-    experts = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    starts = counts.cumsum(0) - counts
-    return torch.arange(len(experts), device=counts.device) + experts * cap - starts[experts]
-
-
-def _bmm_bias(a, b, bias):
-    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias[:, None, :], a, b)
+    return moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down)
 
 
 # ----- Triton ------------------------------------------------------------------------------------------------

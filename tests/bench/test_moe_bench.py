@@ -11,8 +11,8 @@ def test_tiny_cpu_run_writes_rows(tmp_path, capsys):
     assert bench_moe.main(["--device", "cpu", "--tiny", "--repeats", "1", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_variant = {r["variant"]: r for r in rows}
-    assert {"dense_equal_active", "moe_torch", "moe_twin_loop", "moe_grouped_mm", "megablocks_dmoe"} <= set(by_variant)
-    for name in ("dense_equal_active", "moe_torch", "moe_twin_loop"):
+    assert {"dense_equal_active", "moe_torch", "moe_grouped_mm", "megablocks_dmoe"} <= set(by_variant)
+    for name in ("dense_equal_active", "moe_torch"):
         r = by_variant[name]
         assert "skipped" not in r and r["ms_fwd_bwd"] > 0 and r["tokens_per_s"] > 0
         assert r["commit"] and r["torch"] and r["tokens"] == 256 and r["experts"] == 4
