@@ -37,9 +37,9 @@ real token, MFU against the device's peak bf16 dense TFLOP/s (a table of GPUs; n
 tflops). MFU counts the model's FLOPs, the same for every arm: `xlt` with first-token heads skips most of the
 last layer's rows (TaskModel.first_token_only), so its MFU is the full model's work per second, above what the
 chip executes (`xlt-all-rows` computes every row). Then peak memory (weights + optimizer state, counted
-exactly, plus the step's own peak: CUDA allocator peak, or on CPU the resident-set peak VmHWM over the pass
-after malloc_trim), and on NVIDIA GPUs average power and energy per real token from the board's energy
-counter (nvidia-ml-py). Rows go to
+exactly, plus the step's own peak: CUDA allocator peak, or on CPU the resident-set peak VmHWM over one more,
+untimed pass after malloc_trim; on CPU also the minor page faults per step), and on NVIDIA GPUs average
+power and energy per real token from the board's energy counter (nvidia-ml-py). Rows go to
 `bench/results/throughput_<device>.jsonl`, keyed by the device, its clocks, versions, preset and git commit
 (bench/env.py). `python -m bench.report` turns them into tables and plots.
 """
@@ -52,11 +52,13 @@ import gc
 import math
 import os
 import random
+import resource
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -183,6 +185,7 @@ class Arm:
     times: list
     mem: list
     energy: list
+    faults: list = dataclasses.field(default_factory=list)
 
 
 def _xlt_forward(model, batch):
@@ -255,8 +258,9 @@ class Meter:
         except pynvml.NVMLError:
             return None
 
-    def run(self, step, batches) -> tuple[float, int | None, float | None]:
-        """(seconds, step peak bytes above the pass's start, joules or None)."""
+    def run(self, step, batches) -> tuple[float, int | None, float | None, int | None]:
+        """(seconds, step peak bytes above the pass's start or None, joules or None, minor page faults or None)
+        of one timed pass. On CPU no memory figure: see memory_pass."""
         def one_pass():
             for b in batches:
                 step(b)
@@ -265,20 +269,25 @@ class Meter:
             peak, (ms, _) = cuda_peak_extra_bytes(lambda: timed_calls(one_pass, self.device, repeats=1))
             e1 = self.energy_mj()
             joules = (e1 - e0) / 1e3 if e0 is not None and e1 is not None else None
-            return ms[0] / 1e3, peak, joules
+            return ms[0] / 1e3, peak, joules, None
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        one_pass()
+        seconds = time.perf_counter() - t0
+        return seconds, None, None, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+
+    def memory_pass(self, step, batches) -> int | None:
+        """CPU: the resident-set peak (VmHWM) rise over one untimed pass started after malloc_trim. Untimed
+        because the trim hands freed memory back to the OS, and the pass then page-faults it in again."""
         _trim()
-        peak = None
         try:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             rss0 = _status_kib("VmRSS")
         except OSError:
-            rss0 = None
-        t0 = time.perf_counter()
-        one_pass()
-        seconds = time.perf_counter() - t0
-        if rss0 is not None:
-            peak = max(0, _status_kib("VmHWM") - rss0) * 1024
-        return seconds, peak, None
+            return None
+        for b in batches:
+            step(b)
+        return max(0, _status_kib("VmHWM") - rss0) * 1024
 
 
 def _nvml_handle():
@@ -431,11 +440,15 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                 _free(device)
         for _ in range(args.repeats):
             for arm in live:
-                seconds, peak, joules = meter.run(make_step(arm), arm.batches)
+                seconds, peak, joules, faults = meter.run(make_step(arm), arm.batches)
                 arm.times.append(seconds)
                 arm.mem.append(peak)
                 arm.energy.append(joules)
+                arm.faults.append(faults)
         load_after = os.getloadavg()
+        if device.type == "cpu":
+            for arm in live:
+                arm.mem.append(meter.memory_pass(make_step(arm), arm.batches))
     peak_tf = peak_tflops(device, precision, args.peak_tflops)
     by_key = {(a.arch, a.impl): a for a in live}
     for arm in live:
@@ -454,9 +467,11 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
             "step_peak_mib": round(extra / 2**20, 2) if extra is not None else None,
             "peak_mem_mib": round((state + extra) / 2**20, 2) if extra is not None else None,
             "mem_method": f"weights + optimizer state + {CUDA_MEMORY_METHOD}" if device.type == "cuda" else
-                          "weights + optimizer state + VmHWM rise over a pass (after malloc_trim)",
+                          "weights + optimizer state + VmHWM rise over an untimed pass (after malloc_trim)",
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
             "clocks": clocks(device)}
+        if all(f is not None for f in arm.faults):
+            row["minor_faults_per_step"] = round(statistics.median(arm.faults) / args.steps)
         joules = [j for j in arm.energy if j is not None]
         if len(joules) == len(arm.energy) and joules:
             row |= {"power_w": round(sum(joules) / sum(arm.times), 1),
@@ -545,10 +560,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from engine.trainer import hold_freed_memory
+
     args = parse_args(argv)
     if args.threads or args.tiny:  # the smoke run: one thread, no waiting on a shared core's other thread
         torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device)
+    if device.type == "cpu":  # as engine.train runs on CPU; one process, so every arm runs with it
+        hold_freed_memory()
     precision = resolve_precision(args.precision, device)
     env = environment() | {"command": shlex.join(["python", "-m", "bench.throughput",
                                                    *(sys.argv[1:] if argv is None else argv)])}

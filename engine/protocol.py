@@ -44,7 +44,7 @@ from .pretrain import default_cache_dir, pretrain
 from .progress import PhaseLogger, say
 from .report import summarize, table
 from .sources import SUITE_NAMES, Source, Training, make_source, subset
-from .trainer import Checkpoints, LoopConfig, bf16_supported, train_loop
+from .trainer import Checkpoints, LoopConfig, bf16_supported, hold_freed_memory, train_loop
 
 BASELINE = "baseline"
 KNOWN_TASKS = set(TARGET_TASKS) | set(INTERMEDIATE_TASKS) | set(task_specs(DEFAULT_LANGUAGES))
@@ -715,6 +715,8 @@ def run_study(cfg: Config, overwrite: bool = False, resume: bool = False) -> dic
     distributed.barrier()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if device.type == "cpu":
+        hold_freed_memory()
     t0 = time.perf_counter()
     bf16 = use_bf16(cfg.run, device)
 

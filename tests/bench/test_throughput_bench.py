@@ -38,6 +38,7 @@ def test_tiny_run_writes_a_row_per_arm_and_mix(tiny_rows):
         assert r["flops_per_real_token"] > 0 and r["tflops"] > 0 and r["mfu"] is None  # no peak known on CPU
         assert r["state_mib"] > 0 and (r["peak_mem_mib"] is None or r["peak_mem_mib"] >= r["state_mib"])
         assert len(r["loadavg_before"]) == 3 and len(r["loadavg_after"]) == 3
+        assert r["minor_faults_per_step"] >= 0 and r["peak_mem_mib"] is not None  # Linux: /proc and getrusage
         assert r["active_parameters"] <= r["parameters"]
         assert (r["padding_share"] == 0) == (r["mix"] == "full") and 0 <= r["padding_share"] < 1
         if r["impl"] != "hf":
