@@ -14,8 +14,8 @@ Layers, as in DESIGN.md:
 - `attention_reference`, the PyTorch twin: the test oracle, written out step by step;
 - `attention_torch`, the path taken off the kernels (CPU, backend="torch"): the same function through
   PyTorch SDPA (its fused CPU kernel instead of the twin's separate matmul / mask / softmax steps), and
-  the twin itself where SDPA cannot give the same result (seeded dropout, float64) or is slower (dropout on
-  CPU, where SDPA falls back to a math path with a slower mask draw).
+  the twin itself where SDPA cannot give the same result (seeded dropout, float64) or draws dropout masks
+  slower (on CPU SDPA falls back to a math path that draws with `bernoulli_`; bench/results/micro_dropout_cpu.json).
 
 Padded layout: query rows past a sequence's length still attend to that sequence's real keys, in the
 twin and in the kernels alike (their outputs are ignored downstream); keys past it get zero gradient;
@@ -74,11 +74,15 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
                         dropout_mask=None, seed=None):
     """Softmax attention on (B, H, S, D) in fp32 (fp64 for fp64 inputs: the test oracle). Query rows past
     a sequence's length still attend to that sequence's real keys (their outputs are ignored downstream);
-    a length of 0 gives zeros.
+    a length of 0 gives zeros. Keys and values may hold more positions than the queries (B, H, S_k, D), e.g.
+    one query row per sequence (the encoder's first-token last layer); not with `causal`.
 
-    Dropout, when dropout_p > 0: with `dropout_mask` (bool, broadcastable to (B, H, S, S), True = keep)
+    Dropout, when dropout_p > 0: with `dropout_mask` (bool, broadcastable to (B, H, S, S_k), True = keep)
     that mask; else with `seed` a mask drawn from torch.Generator(seed); else F.dropout."""
     B, H, S, D = q.shape
+    S_k = k.shape[2]
+    if causal and S_k != S:
+        raise ValueError(f"attention_reference: causal needs as many keys as queries, got {S_k} and {S}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     ct = torch.promote_types(q.dtype, torch.float32)
     v = v.to(ct)
@@ -87,8 +91,8 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
     scores = torch.matmul(q.to(ct) * scale, k.to(ct).transpose(-1, -2))
     keep = None
     if lengths is not None:
-        key_pos = torch.arange(S, device=q.device)
-        keep = (key_pos[None, :] < lengths[:, None].to(q.device))[:, None, None, :]  # (B,1,1,S)
+        key_pos = torch.arange(S_k, device=q.device)
+        keep = (key_pos[None, :] < lengths[:, None].to(q.device))[:, None, None, :]  # (B,1,1,S_k)
     if causal:
         tri = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()[None, None]
         keep = tri if keep is None else keep & tri
@@ -146,8 +150,8 @@ def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> to
 def unpad_padded(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(B, S, ...) padded -> (total, ...) packed rows; inverse of `pad_packed`."""
     batch, pos = _row_positions(cu_seqlens, int(cu_seqlens[-1]), x.device)
-    # index_select on the flattened rows: its backward is an index_add, 2x faster on CPU than advanced
-    # indexing's accumulating index_put (one xlt-tiny XNLI-like batch's attention output, bf16, one thread)
+    # index_select on the flattened rows: its backward is an index_add, not advanced indexing's accumulating
+    # index_put
     B, S = x.shape[:2]
     return x.reshape((B * S,) + tuple(x.shape[2:])).index_select(0, batch * S + pos)
 

@@ -1,8 +1,8 @@
 """The XLT encoder: BERT / XLM-R compatible, single-device, calling only `kernels` for attention.
 
 Post-layer-norm blocks (BERT, XLM-R base/large) or pre-layer-norm blocks with a final norm (XLM-R XL/XXL).
-Self-attention goes through `kernels` only; the one exception is the last layer's first-token query of
-`first_token_only` (below), a single query row per sequence, which SDPA computes.
+Self-attention goes through `kernels` only; the last layer's first-token query of `first_token_only` (below),
+a single query row per sequence, goes to the attention twin (`kernels.attention_reference`).
 Inputs are right-padded batches. The encoder unpads once, before the embeddings, and runs every layer on the
 packed real tokens (total_tokens, hidden) with variable-length attention (`kernels.attention_varlen`), so
 padding costs no FLOPs in the linear layers, norms and FFNs; outputs are re-padded at the end (padding
@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from kernels.attention import pad_packed
@@ -44,9 +43,9 @@ from .moe import MoEFeedForward
 __all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Packing", "Pooler", "length_groups",
            "lengths_from_mask", "make_ffn"]
 
-# The cost of one call of the PyTorch attention path in units of attention-score elements (sequences x
-# longest length^2 x heads): kernels.attention_varlen forward + backward on CPU (bf16, dropout 0.1, one
-# thread) took ~0.7-0.9 ms a call plus 30-55 ns an element (head_dim 32-64), i.e. ~16k elements a call.
+# The fixed cost of one call of the PyTorch attention path in units of attention-score elements (sequences x
+# longest length^2 x heads), fitted by hand to CPU timings of kernels.attention_varlen forward + backward; no
+# bench row isolates it (the grouping's effect on training steps is part of bench.throughput's rows).
 GROUP_CALL_COST = 16384
 
 
@@ -117,27 +116,21 @@ class SelfAttention(nn.Module):
 
     def _first_query(self, x, seqs: "Packing", p: float):
         """Attention of each sequence's first token over all of its keys: (B, heads, 1, head_dim). One query
-        row against many keys is not the self-attention that `kernels` implements (q, k, v of one shape), and
-        it is a sliver of the layer's work (B x heads x longest x head_dim): written out as
-        kernels.attention_reference computes it, in fp32, with no fused kernel whose backward could be
-        non-deterministic on a GPU (SDPA's memory-efficient kernel with a mask). Keys and values are
-        re-padded to the longest sequence, in packed order."""
+        row against many keys is not the self-attention that the kernels implement (q, k, v of one shape), and
+        it is a sliver of the layer's work (B x heads x longest x head_dim): the twin computes it
+        (kernels.attention_reference, fp32, no fused kernel whose backward could be non-deterministic on a GPU).
+        Keys and values are re-padded to the longest sequence, in packed order."""
         heads, d = self.cfg.num_heads, self.cfg.head_dim
         B, longest = seqs.batch, max(seqs.lengths)
         q = self.q(x[seqs.first_rows]).view(B, 1, heads, d).transpose(1, 2)
         if seqs.index is None:  # no padding: a view
             k, v = (proj(x).view(B, longest, heads, d).transpose(1, 2) for proj in (self.k, self.v))
-            mask = None
+            lengths = None
         else:
             k, v = (pad_packed(proj(x).view(-1, heads, d), seqs.cu_seqlens, longest).transpose(1, 2)
                     for proj in (self.k, self.v))
             lengths = seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1]
-            mask = (torch.arange(longest, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * d ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = F.dropout(torch.softmax(scores, dim=-1), p=p, training=p > 0.0)
-        return torch.matmul(probs, v.float()).to(q.dtype)
+        return kernels.attention_reference(q, k, v, lengths, dropout_p=p)
 
 
 def make_ffn(cfg: EncoderConfig, index: int) -> nn.Module:

@@ -161,3 +161,20 @@ def test_attention_shape_errors():
         kernels.attention(x[0], x[0], x[0])
     with pytest.raises(ValueError, match="dropout_p"):
         kernels.attention(x, x, x, dropout_p=1.0)
+
+
+def test_twin_with_fewer_queries_than_keys_is_the_full_computations_rows(gen):
+    """One query row per sequence against all its keys (the encoder's first-token last layer) gives the first
+    row of the full self-attention, with padding masked, in values and gradients."""
+    B, H, S, D = 3, 2, 7, 8
+    lengths = torch.tensor([7, 4, 1])
+    q, k, v = (torch.randn(B, H, S, D, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    full = kernels.attention_reference(q, k, v, lengths)[:, :, :1]
+    first = kernels.attention_reference(q[:, :, :1], k, v, lengths)
+    torch.testing.assert_close(first, full)
+    g = torch.randn(first.shape, generator=gen, dtype=torch.float64)
+    got, want = (torch.autograd.grad((out * g).sum(), (q, k, v)) for out in (first, full))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="causal needs as many keys as queries"):
+        kernels.attention_reference(q[:, :, :1], k, v, lengths, causal=True)
