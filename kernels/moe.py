@@ -130,17 +130,37 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
     return moe_unpermute_reference(y_sorted, weights, plan)
 
 
+# On CPU, bf16 / fp16 GEMMs go to oneDNN, which builds a primitive for every new shape and caches it: a GEMM
+# of a row count not seen before costs about twice one seen before (bench/moe_cpu_shapes.py). Expert group
+# sizes change every step, so the CPU path rounds each group up to a multiple of this many rows; the extra rows
+# are zeros and their outputs are dropped (their gradients are exactly zero), so the result is unchanged.
+CPU_ROW_BUCKET = 64
+
+
+def row_bucket(x: torch.Tensor) -> int:
+    """The multiple expert groups are padded to on this tensor's path: CPU_ROW_BUCKET for reduced-precision
+    CPU tensors (oneDNN), 1 otherwise (fp32 goes to MKL, GPUs to cuBLAS: neither pays for a new shape)."""
+    return CPU_ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
+
+
 def moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down):
     """Loop over experts: down_e(gelu(up_e(rows of expert e))). One host sync (the group sizes). The stacked
     weights are unbound once, not indexed per expert: indexing's backward writes each expert's gradient into
-    a zeroed copy of the whole stack (E full-size buffers), unbind's stacks them once."""
+    a zeroed copy of the whole stack (E full-size buffers), unbind's stacks them once. Groups are padded to
+    `row_bucket(x_sorted)` rows (see CPU_ROW_BUCKET)."""
     E = w_up.shape[0]
     ups, downs = w_up.unbind(0), w_down.unbind(0)
     b_ups = [None] * E if b_up is None else b_up.unbind(0)
     b_downs = [None] * E if b_down is None else b_down.unbind(0)
+    bucket = row_bucket(x_sorted)
     outs = []
     for e, xe in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-        outs.append(F.linear(F.gelu(F.linear(xe, ups[e], b_ups[e])), downs[e], b_downs[e]))
+        n = xe.shape[0]
+        pad = -n % bucket
+        if pad:
+            xe = F.pad(xe, (0, 0, 0, pad))
+        ye = F.linear(F.gelu(F.linear(xe, ups[e], b_ups[e])), downs[e], b_downs[e])
+        outs.append(ye[:n] if pad else ye)
     return torch.cat(outs) if outs else x_sorted.new_zeros((0, w_down.shape[1]))
 
 

@@ -320,3 +320,32 @@ def test_expert_ffn_errors():
 def test_triton_ops_registered():
     assert {"moe_route", "moe_permute", "moe_unpermute", "moe_expert_ffn"} <= set(kernels.triton_ops())
     assert moe.triton is not None
+
+
+def test_cpu_expert_groups_padded_to_the_row_bucket(gen, monkeypatch):
+    """On CPU in bf16 the twin pads each expert's group to a multiple of CPU_ROW_BUCKET rows (oneDNN caches a
+    GEMM per shape). The pad rows must change nothing: outputs and every gradient equal the unpadded loop's."""
+    g = gen
+    E, H, Fd = 4, 32, 48
+    counts = torch.tensor([70, 0, 5, moe.CPU_ROW_BUCKET])  # a partial bucket, an empty group, a full one
+    R = int(counts.sum())
+    x = torch.randn(R, H, generator=g).bfloat16().requires_grad_()
+    w_up = (torch.randn(E, Fd, H, generator=g) / H**0.5).bfloat16().requires_grad_()
+    w_down = (torch.randn(E, H, Fd, generator=g) / Fd**0.5).bfloat16().requires_grad_()
+    b_up = torch.randn(E, Fd, generator=g).bfloat16().requires_grad_()  # biases: pad rows' outputs are not 0
+    b_down = torch.randn(E, H, generator=g).bfloat16().requires_grad_()
+    params = (x, w_up, b_up, w_down, b_down)
+    gy = torch.randn(R, H, generator=g).bfloat16()
+    assert moe.row_bucket(x) == moe.CPU_ROW_BUCKET and moe.row_bucket(x.detach().float()) == 1
+
+    def run():
+        y = moe.moe_expert_ffn(x, counts, w_up, b_up, w_down, b_down, backend="torch")
+        return (y,) + torch.autograd.grad((y.float() * gy.float()).sum(), params)
+
+    padded = run()
+    monkeypatch.setattr(moe, "CPU_ROW_BUCKET", 1)
+    plain = run()
+    for name, a, b in zip(("y", "dx", "dw_up", "db_up", "dw_down", "db_down"), padded, plain):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+    ref = _ffn_loop(x.detach().double(), counts, w_up.detach(), b_up.detach(), w_down.detach(), b_down.detach())
+    torch.testing.assert_close(padded[0].double(), ref, atol=6e-2, rtol=3e-2)
