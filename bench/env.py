@@ -11,16 +11,17 @@ from pathlib import Path
 import torch
 
 
-def git_commit() -> str:
+def git_commit(root: Path | None = None) -> str:
     """The checkout's short commit (+dirty); XLT_COMMIT where the tree was copied without .git (the GPU
     machine: bench/gpu_check.sh is handed the commit by its caller)."""
     if os.environ.get("XLT_COMMIT"):
         return os.environ["XLT_COMMIT"]
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = root or Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        # bench/results is left out: the rows a bench appends must not mark the next bench's rows dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
