@@ -83,6 +83,14 @@ def _params(n) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _vs_hf(row: dict | None) -> str:
+    """The ratio to HF's same architecture, or for MoE (which Transformers lacks) to HF's dense twin, marked."""
+    row = row or {}
+    if row.get("speedup_vs_hf") is None and row.get("speedup_vs_hf_dense_twin") is not None:
+        return f"{_ratio(row['speedup_vs_hf_dense_twin'])} vs dense twin"
+    return _ratio(row.get("speedup_vs_hf"))
+
+
 def table(rows: list[dict]) -> list[str]:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
@@ -107,8 +115,8 @@ def table(rows: list[dict]) -> list[str]:
         mem = f"{_num((x or {}).get('peak_mem_mib'))} / {_num((h or {}).get('peak_mem_mib'))}"
         out.append(f"| {ref['preset']} | {key[1]} | {key[2]} | {_params(ref.get('active_parameters'))} | {tok} | "
                    f"{_num((x or {}).get('tokens_per_s'))} | {_num((xt or {}).get('tokens_per_s'))} | "
-                   f"{_num((h or {}).get('tokens_per_s'))} | {_ratio((x or {}).get('speedup_vs_hf'))} | "
-                   f"{_ratio((xt or {}).get('speedup_vs_hf'))} | {_ratio((x or {}).get('step_time_vs_dense'))} | "
+                   f"{_num((h or {}).get('tokens_per_s'))} | {_vs_hf(x)} | {_vs_hf(xt)} | "
+                   f"{_ratio((x or {}).get('step_time_vs_dense'))} | "
                    f"{step} | {mfu} | {mem} |")
     return out
 

@@ -148,7 +148,7 @@ class MoEFeedForward(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] != self.hidden_size:
             raise ValueError(f"MoEFeedForward: expected tokens (T, {self.hidden_size}), got {tuple(tokens.shape)}")
         if self.capacity_factor is not None:
-            return self._moe(tokens)[rows]
+            return self._moe(tokens).index_select(0, rows)  # backward: an index_add, not an index_put
         return self._moe(tokens, rows)
 
     def _moe(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
