@@ -131,9 +131,10 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
 
 
 # On CPU, bf16 / fp16 GEMMs go to oneDNN, which builds a primitive for every new shape and caches it: a GEMM
-# of a row count not seen before costs about twice one seen before (bench/moe_cpu_shapes.py). Expert group
-# sizes change every step, so the CPU path rounds each group up to a multiple of this many rows; the extra rows
-# are zeros and their outputs are dropped (their gradients are exactly zero), so the result is unchanged.
+# of a row count not seen before costs 1.9-2.7x per row one seen before (bench/results/cpu_gemm_shapes.jsonl,
+# `python -m bench.cpu_gemm_shapes`). Expert group sizes change every step, so the CPU path rounds each group
+# up to a multiple of this many rows; the extra rows are zeros whose outputs are dropped (their gradients are
+# exactly zero), so the result is unchanged.
 CPU_ROW_BUCKET = 64
 
 
