@@ -14,6 +14,8 @@ same precision (bf16 autocast where the device computes bf16 natively, `--precis
 - `hf`: the `transformers` model (`XLMRobertaFor*` / `BertFor*`) loaded from `models.hf.export` of the XLT
   model, so the weights and config are identical, with `--hf-attn` attention (default "sdpa"). Transformers has
   no BERT / XLM-R Mixture-of-Experts: MoE arms are XLT only, and the hf MoE rows say `skipped`.
+- `xlt-unbucketed` (an ablation, not in the default list): `xlt` with the MoE twin's expert groups not padded
+  to `kernels.moe.CPU_ROW_BUCKET` rows (on CPU in bf16; elsewhere nothing is padded, so it equals `xlt`);
 - `xlt-all-rows` (an ablation, not in the default list): `xlt` with `TaskModel.first_token_only` off, so the
   last layer computes every token's row although the classification head reads only the first token's;
 - the MoE architecture is `<preset>-moe8` (8 experts, top-2, experts half as wide: matched on active
@@ -68,9 +70,11 @@ from .env import append_row, environment
 from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, timed_calls
 
 IMPLS = ("xlt", "xlt-torch", "hf")
-ABLATIONS = ("xlt-all-rows",)  # xlt with TaskModel.first_token_only off: every row of the last layer computed
+# xlt-all-rows: xlt with TaskModel.first_token_only off (every row of the last layer computed); xlt-unbucketed:
+# xlt with the MoE twin's expert groups unpadded (kernels.moe.CPU_ROW_BUCKET = 1 during its steps)
+ABLATIONS = ("xlt-all-rows", "xlt-unbucketed")
 ARCHS = ("dense", "moe")
-BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto"}
+BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto", "xlt-unbucketed": "auto"}
 MOE_SUFFIX = "-moe8"  # models.config: E=8, top-2, matched on active parameters
 # Peak dense bf16 tensor-core TFLOP/s by device name (first match wins; SXM figures unless named).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -398,6 +402,9 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                     rows.append(row | {"skipped": "transformers has no BERT / XLM-R Mixture-of-Experts class; MoE "
                                                   "is compared XLT vs XLT-torch and against its dense twin"})
                     continue
+                if impl == "xlt-unbucketed" and arch == "dense":
+                    rows.append(row | {"skipped": "a dense model has no expert groups to pad: xlt-unbucketed is xlt"})
+                    continue
                 try:
                     if impl == "hf":
                         model = build_hf(build_xlt(cfg, mix, "xlt", args.seed), mix, args.hf_attn,
@@ -419,6 +426,10 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
 
         def make_step(arm: Arm):
             def step(batch):
+                with _expert_row_bucket(1 if arm.impl == "xlt-unbucketed" else None):
+                    plain_step(batch)
+
+            def plain_step(batch):
                 arm.opt.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = arm.forward(arm.model, batch)
@@ -481,6 +492,9 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
             ref = by_key.get(("dense", other)) if arm.arch == "dense" else None
             if ref is not None and ref is not arm:
                 row[field] = _ratio(ref.times, arm.times)
+        unbucketed = by_key.get((arm.arch, "xlt-unbucketed"))
+        if arm.impl == "xlt" and unbucketed is not None:  # the same architecture, expert groups unpadded
+            row["speedup_vs_xlt_unbucketed"] = _ratio(unbucketed.times, arm.times)
         dense = by_key.get(("dense", arm.impl))
         if arm.arch == "moe" and dense is not None:
             row["step_time_vs_dense"] = _ratio(arm.times, dense.times)
@@ -493,6 +507,20 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
     _free(device)
     order = {(a, i): n for n, (a, i) in enumerate((a, i) for a in ARCHS for i in IMPLS + ABLATIONS)}
     return sorted(rows, key=lambda r: order.get((r["arch"], r["impl"]), 99))
+
+
+@contextlib.contextmanager
+def _expert_row_bucket(rows: int | None):
+    """kernels.moe.CPU_ROW_BUCKET set to `rows` (None: left as it is) for the duration, for the ablation arm."""
+    from kernels import moe
+
+    saved = moe.CPU_ROW_BUCKET
+    if rows is not None:
+        moe.CPU_ROW_BUCKET = rows
+    try:
+        yield
+    finally:
+        moe.CPU_ROW_BUCKET = saved
 
 
 def _free(device: torch.device) -> None:

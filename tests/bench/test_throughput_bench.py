@@ -144,3 +144,25 @@ def test_the_first_token_ablation_arm_computes_every_row(tmp_path):
     assert rows["xlt"]["speedup_vs_xlt_all_rows"]["median"] > 0
     assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
     assert "xlt-all-rows" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_expert_padding_ablation_runs_the_moe_unpadded(tmp_path, monkeypatch):
+    from kernels import moe
+
+    seen = []
+    real = moe.moe_expert_ffn_reference
+
+    def spy(x_sorted, *args):  # the bucket each expert-FFN call runs with
+        seen.append(moe.CPU_ROW_BUCKET)
+        return real(x_sorted, *args)
+
+    monkeypatch.setattr(moe, "moe_expert_ffn_reference", spy)
+    out = tmp_path / "unbucketed.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--mixes", "full", "--impls", "xlt,xlt-unbucketed",
+                    "--results", str(out)]) == 0
+    rows = {(r["arch"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert "no expert groups" in rows[("dense", "xlt-unbucketed")]["skipped"]
+    assert rows[("moe", "xlt")]["speedup_vs_xlt_unbucketed"]["median"] > 0
+    assert set(seen) == {1, moe.CPU_ROW_BUCKET} and moe.CPU_ROW_BUCKET == 64  # both ran; the bucket is restored
+    assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "xlt-unbucketed" in (tmp_path / "report" / "report.md").read_text()
