@@ -71,20 +71,34 @@ def _check_triton_inputs(op: str, q: torch.Tensor) -> None:
 
 # ----- the twin (oracle) and the CPU path (the same function through SDPA) -----------------------------------
 def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None, dropout_p=0.0,
-                        dropout_mask=None, seed=None):
+                        dropout_mask=None, seed=None, compute_dtype=None):
     """Softmax attention on (B, H, S, D) in fp32 (fp64 for fp64 inputs: the test oracle). Query rows past
     a sequence's length still attend to that sequence's real keys (their outputs are ignored downstream);
     a length of 0 gives zeros. Keys and values may hold more positions than the queries (B, H, S_k, D), e.g.
     one query row per sequence (the encoder's first-token last layer); not with `causal`.
 
     Dropout, when dropout_p > 0: with `dropout_mask` (bool, broadcastable to (B, H, S, S_k), True = keep)
-    that mask; else with `seed` a mask drawn from torch.Generator(seed); else F.dropout."""
+    that mask; else with `seed` a mask drawn from torch.Generator(seed); else F.dropout.
+
+    `compute_dtype` (bf16 / fp16) computes the scores and probabilities in that dtype instead, autocast off
+    inside: the CPU training path under autocast, whose matmuls run in it anyway. Softmax still accumulates in
+    fp32 (ATen), so the forward is that of fp32 probabilities rounded for the second matmul; the backward
+    reads the rounded probabilities. It saves the autocast casts of the (S, S) tensors, five passes over
+    them per layer (bench/README.md, "Throughput by size")."""
     B, H, S, D = q.shape
     S_k = k.shape[2]
     if causal and S_k != S:
         raise ValueError(f"attention_reference: causal needs as many keys as queries, got {S_k} and {S}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    ct = torch.promote_types(q.dtype, torch.float32)
+    if compute_dtype is None:
+        return _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed,
+                          torch.promote_types(q.dtype, torch.float32))
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, compute_dtype)
+
+
+def _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, ct):
+    S, S_k = q.shape[2], k.shape[2]
     v = v.to(ct)
     # the scale on q and dropout's 1 / (1 - p) on v, not on the (S, S) scores and probabilities: the same
     # function with two fewer passes over the largest tensors
@@ -124,8 +138,11 @@ def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dro
     if dropout_p > 0.0 and q.device.type == "cpu":
         B, H, S = q.shape[:3]
         keep, keep_prob = keep_mask((B, H, S, k.shape[2]), dropout_p, q.device)
-        # the mask's exact drop probability (dropout_p rounded to a multiple of 2^-16) scales the kept ones
-        return attention_reference(q, k, v, lengths, causal, softmax_scale, 1.0 - keep_prob, dropout_mask=keep)
+        # the mask's exact drop probability (dropout_p rounded to a multiple of 2^-16) scales the kept ones; in
+        # bf16 / fp16 (the projections' output under autocast) the (S, S) tensors stay in that dtype
+        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
+        return attention_reference(q, k, v, lengths, causal, softmax_scale, 1.0 - keep_prob, dropout_mask=keep,
+                                   compute_dtype=low)
     S = q.shape[2]
     mask = None
     if lengths is not None:
