@@ -131,8 +131,9 @@ def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dro
     """`attention_reference`'s function through F.scaled_dot_product_attention. A seeded dropout mask
     (reproducible from `seed`) and float64 (the oracle's precision) go to the twin itself. So does dropout on
     CPU: there SDPA with dropout falls back to its fp32 math path and draws the mask with `bernoulli_`; the
-    twin computes the same in fp32 with the mask from `kernels.dropout_mask.keep_mask` (the effect on training steps:
-    the throughput rows in bench/README.md; the mask is checked in tests/kernels/test_twins.py)."""
+    twin computes the same (in fp32, or for bf16 / fp16 inputs in their dtype: `compute_dtype`) with the mask from
+    `kernels.dropout_mask.keep_mask` (the effect on training steps: the throughput rows in bench/README.md; the
+    mask is checked in tests/kernels/test_twins.py)."""
     if (dropout_p > 0.0 and seed is not None) or q.dtype not in TRITON_DTYPES:
         return attention_reference(q, k, v, lengths, causal, softmax_scale, dropout_p, seed=seed)
     if dropout_p > 0.0 and q.device.type == "cpu":
