@@ -126,6 +126,8 @@ ABLATIONS = {  # ablation impl -> (the ratio field on the xlt row, the table's t
                      "the last layer on first tokens only (`xlt`) against every row computed (`xlt-all-rows`)"),
     "xlt-unbucketed": ("speedup_vs_xlt_unbucketed", "the MoE twin's expert groups padded to 64 rows (`xlt`) against "
                        "unpadded (`xlt-unbucketed`)"),
+    "xlt-fp32-scores": ("speedup_vs_xlt_fp32_scores", "attention's (S, S) tensors in bf16 under autocast (`xlt`) "
+                        "against autocast's fp32 softmax (`xlt-fp32-scores`)"),
 }
 
 
@@ -256,7 +258,7 @@ def report(rows: list[dict], out: Path, sources: list[Path]) -> Path:
                   f"{_load_range(group)}"]
         if first.get("command"):
             lines.append(f"- command: `{first['command']}`")
-        lines += [""] + table(group) + [""] + ablation_table(group) + ablation_table(group, "xlt-unbucketed")
+        lines += [""] + table(group) + [""] + [line for a in ABLATIONS for line in ablation_table(group, a)]
         skips = skipped(group)
         if skips:
             lines += ["Not measured:", ""] + skips + [""]

@@ -14,8 +14,10 @@ same precision (bf16 autocast where the device computes bf16 natively, `--precis
 - `hf`: the `transformers` model (`XLMRobertaFor*` / `BertFor*`) loaded from `models.hf.export` of the XLT
   model, so the weights and config are identical, with `--hf-attn` attention (default "sdpa"). Transformers has
   no BERT / XLM-R Mixture-of-Experts: MoE arms are XLT only, and the hf MoE rows say `skipped`.
-- `xlt-unbucketed` (an ablation, not in the default list): `xlt` with the MoE twin's expert groups not padded
-  to `kernels.moe.CPU_ROW_BUCKET` rows (on CPU in bf16; elsewhere nothing is padded, so it equals `xlt`);
+- `xlt-unbucketed`, `xlt-fp32-scores` (ablations, not in the default list; CPU in bf16 only, elsewhere they
+  would equal `xlt` and their rows say `skipped`): `xlt` with the MoE twin's expert groups not padded to
+  `kernels.moe.CPU_ROW_BUCKET` rows, or with attention's (S, S) tensors in autocast's fp32 softmax instead of
+  bf16 (`kernels.attention.CPU_AUTOCAST_SCORES`);
 - `xlt-all-rows` (an ablation, not in the default list): `xlt` with `TaskModel.first_token_only` off, so the
   last layer computes every token's row although the classification head reads only the first token's;
 - the MoE architecture is `<preset>-moe8` (8 experts, top-2, experts half as wide: matched on active
@@ -70,11 +72,13 @@ from .env import append_row, environment
 from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, timed_calls
 
 IMPLS = ("xlt", "xlt-torch", "hf")
-# xlt-all-rows: xlt with TaskModel.first_token_only off (every row of the last layer computed); xlt-unbucketed:
-# xlt with the MoE twin's expert groups unpadded (kernels.moe.CPU_ROW_BUCKET = 1 during its steps)
-ABLATIONS = ("xlt-all-rows", "xlt-unbucketed")
+# xlt-all-rows: xlt with TaskModel.first_token_only off (every row of the last layer computed). The others are
+# xlt with one CPU-bf16 choice of the kernels undone during their steps (module, switch, value; see SWITCHES).
+SWITCHES = {"xlt-unbucketed": ("moe", "CPU_ROW_BUCKET", 1),  # MoE expert groups not padded
+            "xlt-fp32-scores": ("attention", "CPU_AUTOCAST_SCORES", False)}  # autocast's fp32 softmax in attention
+ABLATIONS = ("xlt-all-rows",) + tuple(SWITCHES)
 ARCHS = ("dense", "moe")
-BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto", "xlt-unbucketed": "auto"}
+BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto"} | {a: "auto" for a in SWITCHES}
 MOE_SUFFIX = "-moe8"  # models.config: E=8, top-2, matched on active parameters
 # Peak dense bf16 tensor-core TFLOP/s by device name (first match wins; SXM figures unless named).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -402,6 +406,10 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                     rows.append(row | {"skipped": "transformers has no BERT / XLM-R Mixture-of-Experts class; MoE "
                                                   "is compared XLT vs XLT-torch and against its dense twin"})
                     continue
+                if impl in SWITCHES and (device.type != "cpu" or precision != "bf16"):
+                    rows.append(row | {"skipped": f"{impl} undoes a choice of the CPU bf16 path only: on {device.type} "
+                                                  f"in {precision} it would be xlt"})
+                    continue
                 if impl == "xlt-unbucketed" and arch == "dense":
                     rows.append(row | {"skipped": "a dense model has no expert groups to pad: xlt-unbucketed is xlt"})
                     continue
@@ -426,7 +434,7 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
 
         def make_step(arm: Arm):
             def step(batch):
-                with _expert_row_bucket(1 if arm.impl == "xlt-unbucketed" else None):
+                with _switched(arm.impl):
                     plain_step(batch)
 
             def plain_step(batch):
@@ -492,9 +500,10 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
             ref = by_key.get(("dense", other)) if arm.arch == "dense" else None
             if ref is not None and ref is not arm:
                 row[field] = _ratio(ref.times, arm.times)
-        unbucketed = by_key.get((arm.arch, "xlt-unbucketed"))
-        if arm.impl == "xlt" and unbucketed is not None:  # the same architecture, expert groups unpadded
-            row["speedup_vs_xlt_unbucketed"] = _ratio(unbucketed.times, arm.times)
+        for ablation in SWITCHES:  # the same architecture with one kernel choice undone
+            ref = by_key.get((arm.arch, ablation))
+            if arm.impl == "xlt" and ref is not None:
+                row["speedup_vs_" + ablation.replace("-", "_")] = _ratio(ref.times, arm.times)
         dense = by_key.get(("dense", arm.impl))
         if arm.arch == "moe" and dense is not None:
             row["step_time_vs_dense"] = _ratio(arm.times, dense.times)
@@ -510,17 +519,21 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
 
 
 @contextlib.contextmanager
-def _expert_row_bucket(rows: int | None):
-    """kernels.moe.CPU_ROW_BUCKET set to `rows` (None: left as it is) for the duration, for the ablation arm."""
-    from kernels import moe
+def _switched(impl: str):
+    """For an ablation arm of SWITCHES: its kernel module's switch set for the duration; otherwise nothing."""
+    if impl not in SWITCHES:
+        yield
+        return
+    import importlib
 
-    saved = moe.CPU_ROW_BUCKET
-    if rows is not None:
-        moe.CPU_ROW_BUCKET = rows
+    name, switch, value = SWITCHES[impl]
+    module = importlib.import_module(f"kernels.{name}")
+    saved = getattr(module, switch)
+    setattr(module, switch, value)
     try:
         yield
     finally:
-        moe.CPU_ROW_BUCKET = saved
+        setattr(module, switch, saved)
 
 
 def _free(device: torch.device) -> None:

@@ -127,11 +127,16 @@ def _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, c
     return torch.matmul(probs, v).to(q.dtype)
 
 
+# The CPU training path under autocast keeps attention's (S, S) tensors in the autocast dtype (compute_dtype
+# above); False restores autocast's fp32 softmax (bench.throughput's `xlt-fp32-scores` ablation arm).
+CPU_AUTOCAST_SCORES = True
+
+
 def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dropout_p=0.0, seed=None):
     """`attention_reference`'s function through F.scaled_dot_product_attention. A seeded dropout mask
     (reproducible from `seed`) and float64 (the oracle's precision) go to the twin itself. So does dropout on
     CPU: there SDPA with dropout falls back to its fp32 math path and draws the mask with `bernoulli_`; the
-    twin computes the same (in fp32, or for bf16 / fp16 inputs in their dtype: `compute_dtype`) with the mask from
+    twin computes the same (in fp32, or under autocast to q's dtype in that dtype: `compute_dtype`) with the mask from
     `kernels.dropout_mask.keep_mask` (the effect on training steps: the throughput rows in bench/README.md; the
     mask is checked in tests/kernels/test_twins.py)."""
     if (dropout_p > 0.0 and seed is not None) or q.dtype not in TRITON_DTYPES:
@@ -139,9 +144,10 @@ def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dro
     if dropout_p > 0.0 and q.device.type == "cpu":
         B, H, S = q.shape[:3]
         keep, keep_prob = keep_mask((B, H, S, k.shape[2]), dropout_p, q.device)
-        # the mask's exact drop probability (dropout_p rounded to a multiple of 2^-16) scales the kept ones; in
-        # bf16 / fp16 (the projections' output under autocast) the (S, S) tensors stay in that dtype
-        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
+        # the mask's exact drop probability (dropout_p rounded to a multiple of 2^-16) scales the kept ones; under
+        # autocast to q's dtype the (S, S) tensors stay in it (its matmuls would run in it anyway)
+        low = (q.dtype if CPU_AUTOCAST_SCORES and torch.is_autocast_enabled("cpu")
+               and torch.get_autocast_dtype("cpu") == q.dtype else None)
         return attention_reference(q, k, v, lengths, causal, softmax_scale, 1.0 - keep_prob, dropout_mask=keep,
                                    compute_dtype=low)
     S = q.shape[2]

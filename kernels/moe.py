@@ -139,9 +139,15 @@ CPU_ROW_BUCKET = 64
 
 
 def row_bucket(x: torch.Tensor) -> int:
-    """The multiple expert groups are padded to on this tensor's path: CPU_ROW_BUCKET for reduced-precision
-    CPU tensors (oneDNN), 1 otherwise (fp32 goes to MKL, GPUs to cuBLAS: neither pays for a new shape)."""
-    return CPU_ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
+    """The multiple expert groups are padded to on this tensor's path: CPU_ROW_BUCKET where its GEMMs run in
+    bf16 / fp16 on CPU (its dtype, or CPU autocast's: oneDNN), 1 otherwise (fp32 goes to MKL, GPUs to cuBLAS:
+    neither pays for a new shape)."""
+    if x.device.type != "cpu":
+        return 1
+    low = (torch.bfloat16, torch.float16)
+    if x.dtype in low or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low):
+        return CPU_ROW_BUCKET
+    return 1
 
 
 def moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down):

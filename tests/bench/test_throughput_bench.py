@@ -146,23 +146,46 @@ def test_the_first_token_ablation_arm_computes_every_row(tmp_path):
     assert "xlt-all-rows" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_the_expert_padding_ablation_runs_the_moe_unpadded(tmp_path, monkeypatch):
+def test_the_switch_ablations_undo_their_kernel_choice_during_their_steps(tmp_path, monkeypatch):
+    import sys
+
     from kernels import moe
 
+    attention = sys.modules["kernels.attention"]  # the module (kernels.attention is also the function's name)
     seen = []
-    real = moe.moe_expert_ffn_reference
+    real_ffn, real_ref = moe.moe_expert_ffn_reference, attention.attention_reference
 
-    def spy(x_sorted, *args):  # the bucket each expert-FFN call runs with
-        seen.append(moe.CPU_ROW_BUCKET)
-        return real(x_sorted, *args)
+    def ffn_spy(*args):  # the bucket each expert-FFN call runs with
+        seen.append(("bucket", moe.CPU_ROW_BUCKET))
+        return real_ffn(*args)
 
-    monkeypatch.setattr(moe, "moe_expert_ffn_reference", spy)
-    out = tmp_path / "unbucketed.jsonl"
-    assert tp.main(["--device", "cpu", "--tiny", "--mixes", "full", "--impls", "xlt,xlt-unbucketed",
-                    "--results", str(out)]) == 0
+    def attention_spy(*args, compute_dtype=None, **kw):  # the dtype the CPU dropout path asks for
+        seen.append(("scores", compute_dtype))
+        return real_ref(*args, compute_dtype=compute_dtype, **kw)
+
+    monkeypatch.setattr(moe, "moe_expert_ffn_reference", ffn_spy)
+    monkeypatch.setattr(attention, "attention_reference", attention_spy)
+    out = tmp_path / "switches.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--precision", "bf16", "--mixes", "full",
+                    "--impls", "xlt,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
     rows = {(r["arch"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert "no expert groups" in rows[("dense", "xlt-unbucketed")]["skipped"]
     assert rows[("moe", "xlt")]["speedup_vs_xlt_unbucketed"]["median"] > 0
-    assert set(seen) == {1, moe.CPU_ROW_BUCKET} and moe.CPU_ROW_BUCKET == 64  # both ran; the bucket is restored
+    for arch in ("dense", "moe"):
+        assert rows[(arch, "xlt")]["speedup_vs_xlt_fp32_scores"]["median"] > 0
+    assert {b for kind, b in seen if kind == "bucket"} == {1, moe.CPU_ROW_BUCKET}  # both arms ran
+    assert {d for kind, d in seen if kind == "scores"} == {None, torch.bfloat16}
+    assert moe.CPU_ROW_BUCKET == 64 and attention.CPU_AUTOCAST_SCORES is True  # restored after the arms
     assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
-    assert "xlt-unbucketed" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "xlt-unbucketed" in report and "xlt-fp32-scores" in report
+
+
+def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
+    out = tmp_path / "fp32.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--precision", "fp32", "--mixes", "full", "--archs", "moe",
+                    "--impls", "xlt,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for arm in ("xlt-unbucketed", "xlt-fp32-scores"):
+        assert "CPU bf16 path only" in rows[arm]["skipped"] and "fp32" in rows[arm]["skipped"]
+    assert "skipped" not in rows["xlt"]

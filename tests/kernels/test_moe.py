@@ -337,6 +337,8 @@ def test_cpu_expert_groups_padded_to_the_row_bucket(gen, monkeypatch):
     params = (x, w_up, b_up, w_down, b_down)
     gy = torch.randn(R, H, generator=g).bfloat16()
     assert moe.row_bucket(x) == moe.CPU_ROW_BUCKET and moe.row_bucket(x.detach().float()) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 rows whose GEMMs autocast runs in bf16
+        assert moe.row_bucket(x.detach().float()) == moe.CPU_ROW_BUCKET
 
     def run():
         y = moe.moe_expert_ffn(x, counts, w_up, b_up, w_down, b_down, backend="torch")

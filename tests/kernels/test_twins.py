@@ -206,3 +206,27 @@ def test_low_precision_twin_equals_the_autocast_fp32_softmax_path(gen, causal):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
         err_low, err_old = ((t.double() - r).abs().max().item() for t in (a, b))
         assert err_low <= 1.25 * err_old + 1e-3, (name, err_low, err_old)
+
+
+def test_cpu_dropout_path_keeps_bf16_scores_only_under_autocast(gen, monkeypatch):
+    """attention_torch's CPU dropout path asks the twin for bf16 scores only under autocast to q's dtype (its
+    matmuls would be bf16 anyway); bf16 inputs without autocast keep the twin's fp32 computation."""
+    import sys
+
+    attention = sys.modules["kernels.attention"]
+    asked = []
+    real = attention.attention_reference
+
+    def spy(*args, compute_dtype=None, **kw):
+        asked.append(compute_dtype)
+        return real(*args, compute_dtype=compute_dtype, **kw)
+
+    monkeypatch.setattr(attention, "attention_reference", spy)
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=gen).bfloat16() for _ in range(3))
+    kernels.attention_torch(q, k, v, dropout_p=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.attention_torch(q, k, v, dropout_p=0.1)
+    monkeypatch.setattr(attention, "CPU_AUTOCAST_SCORES", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.attention_torch(q, k, v, dropout_p=0.1)
+    assert asked == [None, torch.bfloat16, None]
