@@ -83,8 +83,8 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
     `compute_dtype` (bf16 / fp16) computes the scores and probabilities in that dtype instead, autocast off
     inside: the CPU training path under autocast, whose matmuls run in it anyway. Softmax still accumulates in
     fp32 (ATen), so the forward is that of fp32 probabilities rounded for the second matmul; the backward
-    reads the rounded probabilities. It saves the autocast casts of the (S, S) tensors, five passes over
-    them per layer (bench/README.md, "Throughput by size")."""
+    reads the rounded probabilities. It saves autocast's casts of the (S, S) tensors (the `xlt-fp32-scores`
+    ablation of bench.throughput measures the step with them)."""
     B, H, S, D = q.shape
     S_k = k.shape[2]
     if causal and S_k != S:
