@@ -1,7 +1,7 @@
 """Markdown tables and PNG plots from `bench.throughput` rows.
 
     python -m bench.report [--results bench/results/throughput_cpu.jsonl ...] [--out bench/results/throughput]
-                           [--commit COMMIT]
+                           [--commit COMMIT[,COMMIT...]]
 
 For every machine and precision (device, CPU or GPU name, precision) in the rows: one table of preset x
 architecture x mix with tokens/s (real tokens) per implementation, XLT / HF and MoE / dense ratios (medians
@@ -54,10 +54,12 @@ def slug(text: str) -> str:
 
 
 def latest(rows: list[dict], commit: str | None = None) -> list[dict]:
-    """The newest row per (machine, preset, arch, mix, impl)."""
+    """The newest row per (machine, preset, arch, mix, impl); with `commit` (comma-separated prefixes), of the
+    rows whose commit starts with one of them."""
+    prefixes = tuple(c.strip() for c in (commit or "").split(",") if c.strip())
     chosen: dict[tuple, dict] = {}
     for row in rows:
-        if commit and not str(row.get("commit", "")).startswith(commit):
+        if prefixes and not str(row.get("commit", "")).startswith(prefixes):
             continue
         key = (machine(row), row.get("preset"), row.get("arch"), row.get("mix"), row.get("impl"))
         if key not in chosen or str(row.get("date", "")) >= str(chosen[key].get("date", "")):
@@ -252,12 +254,9 @@ def report(rows: list[dict], out: Path, sources: list[Path]) -> Path:
                   f"- commit(s) {', '.join(commits)}; torch {first.get('torch')}, triton {first.get('triton', '-')}, "
                   f"transformers {first.get('transformers', '-')}, Python {first.get('python')}",
                   f"- threads {first.get('threads')}, CPU features {', '.join(first.get('cpu_features') or []) or '-'}"
-                  f", clocks {json.dumps(first.get('clocks', {}))}",
-                  f"- steps {first.get('steps')} per pass, {first.get('repeats')} timed passes per arm after "
-                  f"{first.get('warmup')} warm-up; load average during the runs "
+                  f", clocks {json.dumps(first.get('clocks', {}))}; load average during the runs "
                   f"{_load_range(group)}"]
-        if first.get("command"):
-            lines.append(f"- command: `{first['command']}`")
+        lines += runs(group)
         lines += [""] + table(group) + [""] + [line for a in ABLATIONS for line in ablation_table(group, a)]
         skips = skipped(group)
         if skips:
@@ -270,6 +269,22 @@ def report(rows: list[dict], out: Path, sources: list[Path]) -> Path:
     return path
 
 
+def runs(rows: list[dict]) -> list[str]:
+    """One line per distinct command behind the rows, with its steps, repeats and warm-up and what it covers:
+    rows of several runs (say a longer run of the small presets and a shorter one of a large preset) each keep
+    their own method."""
+    by_run: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_run[(r.get("command"), r.get("steps"), r.get("repeats"), r.get("warmup"))].append(r)
+    lines = []
+    for (command, steps, repeats, warmup), group in sorted(by_run.items(), key=lambda kv: str(kv[0])):
+        presets = sorted({str(r.get("preset")) for r in group})
+        commits = sorted({str(r.get("commit")) for r in group})
+        lines.append(f"- {', '.join(presets)} at {', '.join(commits)}: {steps} steps per pass, {repeats} timed "
+                     f"passes per arm after {warmup} warm-up" + (f"; `{command}`" if command else ""))
+    return lines
+
+
 def _load_range(rows: list[dict]) -> str:
     loads = [x for r in rows for x in (r.get("loadavg_before") or [])[:1] + (r.get("loadavg_after") or [])[:1]]
     return f"{min(loads):.1f}-{max(loads):.1f} (1 min)" if loads else "-"
@@ -280,7 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", nargs="*", default=None,
                     help="JSONL files (default: bench/results/throughput_*.jsonl)")
     ap.add_argument("--out", default="bench/results/throughput")
-    ap.add_argument("--commit", default=None, help="only rows whose commit starts with this")
+    ap.add_argument("--commit", default=None, help="only rows whose commit starts with this (or with one of "
+                    "several, comma-separated)")
     args = ap.parse_args(argv)
     paths = ([Path(p) for p in args.results] if args.results
              else sorted(Path("bench/results").glob("throughput_*.jsonl")))

@@ -72,6 +72,23 @@ def test_report_without_rows_is_an_error(tmp_path):
         bench_report.main(["--results", str(tmp_path / "missing.jsonl")])
 
 
+def test_report_takes_several_commits_and_keeps_each_runs_method():
+    base = {"bench": "throughput", "device": "cpu", "cpu": "X", "precision": "bf16", "threads": 2, "arch": "dense",
+            "mix": "xnli", "impl": "xlt", "date": "2026-12-02T00:00:00"}
+    rows = [base | {"preset": "xlt-small", "commit": "aaa1111", "command": "long", "steps": 8, "repeats": 5,
+                    "warmup": 1},
+            base | {"preset": "xlmr-base", "commit": "bbb2222", "command": "short", "steps": 2, "repeats": 3,
+                    "warmup": 1},
+            base | {"preset": "xlt-tiny", "commit": "ccc3333", "command": "other", "steps": 8, "repeats": 5,
+                    "warmup": 1}]
+    kept = bench_report.latest(rows, "aaa, bbb")
+    assert sorted(r["preset"] for r in kept) == ["xlmr-base", "xlt-small"]
+    assert [r["preset"] for r in bench_report.latest(rows, "ccc")] == ["xlt-tiny"]
+    lines = bench_report.runs(kept)
+    assert lines == ["- xlt-small at aaa1111: 8 steps per pass, 5 timed passes per arm after 1 warm-up; `long`",
+                     "- xlmr-base at bbb2222: 2 steps per pass, 3 timed passes per arm after 1 warm-up; `short`"]
+
+
 def test_cost_exponent_is_the_slope_of_seconds_per_token():
     # 4x the parameters at a quarter of the tokens/s: cost grows as fast as the parameters
     (x, slope), = bench_report.cost_exponents([(1e6, 100.0), (4e6, 25.0)])
