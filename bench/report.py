@@ -189,6 +189,7 @@ def plots(rows: list[dict], out: Path, stem: str, title: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     mixes = [m for m in MIX_ORDER if any(r.get("mix") == m for r in rows)]
     if not mixes:
@@ -218,8 +219,10 @@ def plots(rows: list[dict], out: Path, stem: str, title: str) -> list[str]:
                         label=f"{arch} {impl}")
                 drew = True
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: the minor ones overlap
             if name != "cost_exponent":
                 ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(MIX_TITLES.get(mix, mix), fontsize=10)
             ax.set_xlabel(xlabel)
             ax.grid(True, which="both", alpha=0.3)
