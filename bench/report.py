@@ -278,13 +278,16 @@ def runs(rows: list[dict]) -> list[str]:
     their own method."""
     by_run: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        by_run[(r.get("command"), r.get("steps"), r.get("repeats"), r.get("warmup"))].append(r)
+        # rows from before the field trained every pass on the same batches
+        by_run[(r.get("command"), r.get("steps"), r.get("repeats"), r.get("warmup"),
+                r.get("repeat_batches", True))].append(r)
     lines = []
-    for (command, steps, repeats, warmup), group in sorted(by_run.items(), key=lambda kv: str(kv[0])):
+    for (command, steps, repeats, warmup, repeat), group in sorted(by_run.items(), key=lambda kv: str(kv[0])):
         presets = sorted({str(r.get("preset")) for r in group})
         commits = sorted({str(r.get("commit")) for r in group})
+        batches = "the same batches every pass" if repeat else "new batches each pass"
         lines.append(f"- {', '.join(presets)} at {', '.join(commits)}: {steps} steps per pass, {repeats} timed "
-                     f"passes per arm after {warmup} warm-up" + (f"; `{command}`" if command else ""))
+                     f"passes per arm after {warmup} warm-up, {batches}" + (f"; `{command}`" if command else ""))
     return lines
 
 

@@ -3,7 +3,7 @@
     python -m bench.throughput [--device cpu|cuda] [--presets xlt-tiny,xlt-small] [--archs dense,moe]
                                [--mixes xnli,qa,full] [--impls xlt,xlt-torch,hf] [--steps N] [--repeats R]
                                [--warmup W] [--precision auto|fp32|bf16] [--hf-attn sdpa] [--threads T]
-                               [--peak-tflops X] [--tiny] [--results PATH]
+                               [--peak-tflops X] [--repeat-batches] [--tiny] [--results PATH]
 
 Arms, one per (architecture, implementation), all trained on the same batches with the same optimizer
 (`engine.trainer.make_optimizer`: fused AdamW, constant learning rate here), gradient clipping at 1.0 and the
@@ -33,19 +33,23 @@ a Hugging Face Trainer without length grouping pads):
 
 Timing: within each repeat every arm runs one pass over the same `--steps` batches, arms interleaved
 (A, B, C, A, B, C, ...) so that the ratios are side by side and robust to other load; after `--warmup` passes
-per arm (Triton compiles and autotunes then). CUDA events on GPU, perf_counter on CPU (bench/timing.py).
+per arm (Triton compiles and autotunes then). Every pass draws new batches (the same for every arm), as
+training does: on CPU a shape seen before is cheaper (oneDNN keeps a primitive per GEMM shape), so passes
+over the same batches would time the packed path's variable shapes only once. `--repeat-batches` runs every
+pass on the first pass's batches instead (the method before 2026-12-02: what that flattered is in
+bench/README.md). CUDA events on GPU, perf_counter on CPU (bench/timing.py).
 Per row: step time (median over repeats of the pass time / steps, min, max), tokens/s counting real tokens
-only, the ratios to the other arms per repeat (median, min, max), exact training FLOPs of the full model
-(`EncoderConfig.flops_per_token` at each sequence's own length: the encoder's matmuls, forward + backward) per
-real token, MFU against the device's peak bf16 dense TFLOP/s (a table of GPUs; null on CPU unless --peak-
-tflops). MFU counts the model's FLOPs, the same for every arm: `xlt` with first-token heads skips most of the
-last layer's rows (TaskModel.first_token_only), so its MFU is the full model's work per second, above what the
-chip executes (`xlt-all-rows` computes every row). Then peak memory (weights + optimizer state, counted
-exactly, plus the step's own peak: CUDA allocator peak, or on CPU the resident-set peak VmHWM over one more,
-untimed pass after malloc_trim; on CPU also the minor page faults per step), and on NVIDIA GPUs average
-power and energy per real token from the board's energy counter (nvidia-ml-py). Rows go to
-`bench/results/throughput_<device>.jsonl`, keyed by the device, its clocks, versions, preset and git commit
-(bench/env.py). `python -m bench.report` turns them into tables and plots.
+only (median over repeats of the pass's real tokens / its time), the ratios to the other arms per repeat
+(median, min, max), exact training FLOPs of the full model (`EncoderConfig.flops_per_token` at each sequence's
+own length: the encoder's matmuls, forward + backward) per real token, MFU against the device's peak bf16
+dense TFLOP/s (a table of GPUs; null on CPU unless --peak-tflops). MFU counts the model's FLOPs, the same for
+every arm: `xlt` with first-token heads skips most of the last layer's rows (TaskModel.first_token_only), so
+its MFU is the full model's work per second, above what the chip executes (`xlt-all-rows` computes every row).
+Then peak memory (weights + optimizer state, counted exactly, plus the step's own peak: CUDA allocator peak,
+or on CPU the resident-set peak VmHWM over one more, untimed pass after malloc_trim; on CPU also the minor
+page faults per step), and on NVIDIA GPUs average power and energy per real token from the board's energy
+counter (nvidia-ml-py). Rows go to `bench/results/throughput_<device>.jsonl`, keyed by the device, its clocks,
+versions, preset and git commit (bench/env.py). `python -m bench.report` turns them into tables and plots.
 """
 from __future__ import annotations
 
@@ -188,7 +192,7 @@ class Arm:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     forward: object  # (model, batch) -> loss
-    batches: list
+    passes: list  # the batches of each pass (warm-up, timed, memory), on the device
     info: dict
     times: list
     mem: list
@@ -388,13 +392,20 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
     if mix.max_len > dense_cfg.max_seq_len:
         reason = f"{preset_name} holds {dense_cfg.max_seq_len} positions; the {mix.name} mix needs {mix.max_len}"
         return [row_for(a, i, configs[a]) | {"skipped": reason} for a in configs for i in args.impls]
-    batches = make_batches(mix, dense_cfg, args.steps, seed=args.seed)
-    real = sum(int(b["lengths"].sum()) for b in batches)
-    padded = sum(b["input_ids"].numel() for b in batches)
-    batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(real / args.steps, 1),
-                  "padded_tokens_per_step": round(padded / args.steps, 1),
-                  "padding_share": round(1 - real / padded, 4)}
-    dev_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    # the batches of every pass: warm-up, timed, and on CPU the memory pass; new ones for each unless
+    # --repeat-batches (seeded: pass i of every arm trains on the same batches)
+    n_passes = args.warmup + args.repeats + (device.type == "cpu")
+    drawn = make_batches(mix, dense_cfg, args.steps * (1 if args.repeat_batches else n_passes), seed=args.seed)
+    passes = [drawn[i * args.steps:(i + 1) * args.steps] for i in range(len(drawn) // args.steps)]
+    passes = passes * n_passes if args.repeat_batches else passes
+    timed = passes[args.warmup:args.warmup + args.repeats]
+    real = [sum(int(b["lengths"].sum()) for b in bs) for bs in timed]  # real tokens of each timed pass
+    padded = sum(b["input_ids"].numel() for bs in timed for b in bs)
+    batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(sum(real) / (args.steps * len(real)), 1),
+                  "padded_tokens_per_step": round(padded / (args.steps * len(real)), 1),
+                  "padding_share": round(1 - sum(real) / padded, 4), "repeat_batches": args.repeat_batches}
+    dev_passes = [[{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in bs]
+                  for bs in passes]
     with tempfile.TemporaryDirectory() as tmp:
         for arch, cfg in configs.items():
             for impl in args.impls:
@@ -427,7 +438,7 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                         forward = _xlt_forward
                     model = model.to(device).train()
                     opt, _ = make_optimizer(model, LoopConfig(steps=1, lr=args.lr))
-                    arms.append(Arm(arch, impl, cfg, model, opt, forward, dev_batches, row | info, [], [], []))
+                    arms.append(Arm(arch, impl, cfg, model, opt, forward, dev_passes, row | info, [], [], []))
                 except torch.cuda.OutOfMemoryError as e:  # a size that does not fit this device
                     rows.append(row | {"skipped": f"out of memory building the model: {str(e).splitlines()[0]}"})
                     _free(device)
@@ -450,16 +461,16 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
         live = []
         for arm in arms:
             try:
-                for _ in range(args.warmup):
-                    meter.run(make_step(arm), arm.batches)
+                for w in range(args.warmup):
+                    meter.run(make_step(arm), arm.passes[w])
                 live.append(arm)
             except torch.cuda.OutOfMemoryError as e:
                 rows.append(arm.info | {"skipped": f"out of memory in a step: {str(e).splitlines()[0]}"})
                 arm.model = arm.opt = None
                 _free(device)
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for arm in live:
-                seconds, peak, joules, faults = meter.run(make_step(arm), arm.batches)
+                seconds, peak, joules, faults = meter.run(make_step(arm), arm.passes[args.warmup + r])
                 arm.times.append(seconds)
                 arm.mem.append(peak)
                 arm.energy.append(joules)
@@ -467,20 +478,20 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
         load_after = os.getloadavg()
         if device.type == "cpu":
             for arm in live:
-                arm.mem.append(meter.memory_pass(make_step(arm), arm.batches))
+                arm.mem.append(meter.memory_pass(make_step(arm), arm.passes[-1]))
     peak_tf = peak_tflops(device, precision, args.peak_tflops)
     by_key = {(a.arch, a.impl): a for a in live}
     for arm in live:
-        flops = batch_flops(arm.cfg, batches)
+        flops = [batch_flops(arm.cfg, bs) for bs in timed]
         t = _spread([s / args.steps for s in arm.times])
-        tokens_per_s = real / (t["median"] * args.steps)
-        tflops = flops / (t["median"] * args.steps) / 1e12
+        tokens_per_s = statistics.median(n / s for n, s in zip(real, arm.times))
+        tflops = statistics.median(f / s for f, s in zip(flops, arm.times)) / 1e12
         extra = max((m for m in arm.mem if m is not None), default=None)
         state = state_bytes(arm.model, arm.opt)
         row = arm.info | {
             "step_ms": round(t["median"] * 1e3, 3), "step_ms_min": round(t["min"] * 1e3, 3),
             "step_ms_max": round(t["max"] * 1e3, 3), "step_spread": round((t["max"] - t["min"]) / t["median"], 4),
-            "tokens_per_s": round(tokens_per_s, 1), "flops_per_real_token": round(flops / real),
+            "tokens_per_s": round(tokens_per_s, 1), "flops_per_real_token": round(sum(flops) / sum(real)),
             "tflops": round(tflops, 4), "peak_tflops": peak_tf, "mfu": round(tflops / peak_tf, 4) if peak_tf else None,
             "state_mib": round(state / 2**20, 2),
             "step_peak_mib": round(extra / 2**20, 2) if extra is not None else None,
@@ -494,7 +505,7 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
         joules = [j for j in arm.energy if j is not None]
         if len(joules) == len(arm.energy) and joules:
             row |= {"power_w": round(sum(joules) / sum(arm.times), 1),
-                    "joules_per_token": sum(joules) / (real * len(joules))}
+                    "joules_per_token": sum(joules) / sum(real)}
         for other, field in (("hf", "speedup_vs_hf"), ("xlt-torch", "speedup_vs_xlt_torch"),
                              ("xlt-all-rows", "speedup_vs_xlt_all_rows")):
             ref = by_key.get(("dense", other)) if arm.arch == "dense" else None
@@ -573,6 +584,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: "
                     "the table of GPUs for bf16; none on CPU)")
+    ap.add_argument("--repeat-batches", action="store_true", help="every pass on the same batches (the method "
+                    "before 2026-12-02; default: new batches for each pass, the same for every arm)")
     ap.add_argument("--label", default=None, help="a note recorded in every row (e.g. which models/ code ran)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (the 'tiny' preset, short mixes)")
     ap.add_argument("--results", default=None,

@@ -85,8 +85,12 @@ def test_report_takes_several_commits_and_keeps_each_runs_method():
     assert sorted(r["preset"] for r in kept) == ["xlmr-base", "xlt-small"]
     assert [r["preset"] for r in bench_report.latest(rows, "ccc")] == ["xlt-tiny"]
     lines = bench_report.runs(kept)
-    assert lines == ["- xlt-small at aaa1111: 8 steps per pass, 5 timed passes per arm after 1 warm-up; `long`",
-                     "- xlmr-base at bbb2222: 2 steps per pass, 3 timed passes per arm after 1 warm-up; `short`"]
+    assert lines == ["- xlt-small at aaa1111: 8 steps per pass, 5 timed passes per arm after 1 warm-up, the same "
+                     "batches every pass; `long`",
+                     "- xlmr-base at bbb2222: 2 steps per pass, 3 timed passes per arm after 1 warm-up, the same "
+                     "batches every pass; `short`"]
+    kept[0]["repeat_batches"] = False
+    assert "new batches each pass" in "".join(bench_report.runs(kept))
 
 
 def test_cost_exponent_is_the_slope_of_seconds_per_token():
@@ -206,3 +210,23 @@ def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
     for arm in ("xlt-unbucketed", "xlt-fp32-scores"):
         assert "CPU bf16 path only" in rows[arm]["skipped"] and "fp32" in rows[arm]["skipped"]
     assert "skipped" not in rows["xlt"]
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_every_pass_trains_on_new_batches_the_same_for_every_arm(monkeypatch, repeat):
+    """Two arms, run interleaved (warm-up A B, then A B per timed pass, then the memory pass A B): the batches of
+    each pass are the same for both arms, and new for every pass unless --repeat-batches."""
+    seen = []  # the lengths of each pass's batches, in the order the passes ran
+    real_run, real_memory = tp.Meter.run, tp.Meter.memory_pass
+
+    def record(batches):
+        seen.append(tuple(tuple(b["lengths"].tolist()) for b in batches))
+
+    monkeypatch.setattr(tp.Meter, "run", lambda self, step, b: (record(b), real_run(self, step, b))[1])
+    monkeypatch.setattr(tp.Meter, "memory_pass", lambda self, step, b: (record(b), real_memory(self, step, b))[1])
+    argv = ["--device", "cpu", "--tiny", "--archs", "dense", "--impls", "xlt,hf", "--repeats", "3"]
+    args = tp.parse_args(argv + (["--repeat-batches"] if repeat else []))
+    rows = tp.run_group("tiny", tp.mixes("cpu", tiny=True)["xnli"], args, torch.device("cpu"), "fp32", {})
+    assert all(r["repeat_batches"] is repeat for r in rows) and len(rows) == 2
+    assert len(seen) == 2 * (1 + 3 + 1) and seen[0::2] == seen[1::2]  # each pass: both arms, the same batches
+    assert len(set(seen[0::2])) == (1 if repeat else 5)
