@@ -3,7 +3,7 @@
     python -m bench.throughput [--device cpu|cuda] [--presets xlt-tiny,xlt-small] [--archs dense,moe]
                                [--mixes xnli,qa,full] [--impls xlt,xlt-torch,hf] [--steps N] [--repeats R]
                                [--warmup W] [--precision auto|fp32|bf16] [--hf-attn sdpa] [--threads T]
-                               [--peak-tflops X] [--repeat-batches] [--tiny] [--results PATH]
+                               [--peak-tflops X] [--[no-]repeat-batches] [--tiny] [--results PATH]
 
 Arms, one per (architecture, implementation), all trained on the same batches with the same optimizer
 (`engine.trainer.make_optimizer`: fused AdamW, constant learning rate here), gradient clipping at 1.0 and the
@@ -33,11 +33,13 @@ a Hugging Face Trainer without length grouping pads):
 
 Timing: within each repeat every arm runs one pass over the same `--steps` batches, arms interleaved
 (A, B, C, A, B, C, ...) so that the ratios are side by side and robust to other load; after `--warmup` passes
-per arm (Triton compiles and autotunes then). Every pass draws new batches (the same for every arm), as
-training does: on CPU a shape seen before is cheaper (oneDNN keeps a primitive per GEMM shape), so passes
-over the same batches would time the packed path's variable shapes only once. `--repeat-batches` runs every
-pass on the first pass's batches instead (the method before 2026-12-02: what that flattered is in
-bench/README.md). CUDA events on GPU, perf_counter on CPU (bench/timing.py).
+per arm (Triton compiles and autotunes then). On CPU every pass draws new sequences, as training does: there
+a GEMM shape seen before is cheaper (oneDNN builds a primitive per shape and caches it), so passes over the
+same batches would pay for the packed path's variable shapes once only. Every arm trains on the same
+sequences in a pass, batched in an order of its own: `xlt` and `xlt-torch` run the same code on CPU, and on
+the same batches the second would find the first's shapes cached. On CUDA every pass trains on the same
+batches (`--repeat-batches`, the default there, and the method everywhere before 2026-12-02): the warm-up
+then meets every autotune key that the timed passes will. CUDA events on GPU, perf_counter on CPU (bench/timing.py).
 Per row: step time (median over repeats of the pass time / steps, min, max), tokens/s counting real tokens
 only (median over repeats of the pass's real tokens / its time), the ratios to the other arms per repeat
 (median, min, max), exact training FLOPs of the full model (`EncoderConfig.flops_per_token` at each sequence's
@@ -152,12 +154,15 @@ def sequence_lengths(mix: Mix, count: int, rng: random.Random) -> list[int]:
     return out[:count]
 
 
-def make_batches(mix: Mix, cfg, steps: int, seed: int) -> list[dict]:
+def make_batches(mix: Mix, cfg, steps: int, seed: int, order_seed: int | None = None) -> list[dict]:
     """`steps` batches of `mix` for an encoder config: right-padded ids, lengths, the HF attention mask, token
-    types (two segments where the config has them) and labels for the mix's head."""
+    types (two segments where the config has them) and labels for the mix's head. With `order_seed`, the same
+    sequences in a shuffled order (the same real tokens, other batch shapes)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     lengths = sequence_lengths(mix, steps * mix.batch_size, rng)
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(lengths)
     out = []
     for s in range(steps):
         lens = torch.tensor(lengths[s * mix.batch_size:(s + 1) * mix.batch_size])
@@ -392,20 +397,25 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
     if mix.max_len > dense_cfg.max_seq_len:
         reason = f"{preset_name} holds {dense_cfg.max_seq_len} positions; the {mix.name} mix needs {mix.max_len}"
         return [row_for(a, i, configs[a]) | {"skipped": reason} for a in configs for i in args.impls]
-    # the batches of every pass: warm-up, timed, and on CPU the memory pass; new ones for each unless
-    # --repeat-batches (seeded: pass i of every arm trains on the same batches)
+    # The batches of each pass (warm-up, timed, and on CPU the memory pass) for arm number `k`: pass i's
+    # sequences (seeded), in arm k's own order; or every pass and arm on the first pass's batches.
     n_passes = args.warmup + args.repeats + (device.type == "cpu")
-    drawn = make_batches(mix, dense_cfg, args.steps * (1 if args.repeat_batches else n_passes), seed=args.seed)
-    passes = [drawn[i * args.steps:(i + 1) * args.steps] for i in range(len(drawn) // args.steps)]
-    passes = passes * n_passes if args.repeat_batches else passes
-    timed = passes[args.warmup:args.warmup + args.repeats]
+
+    def arm_passes(k: int) -> list[list[dict]]:
+        if args.repeat_batches:
+            return [make_batches(mix, dense_cfg, args.steps, seed=args.seed)] * n_passes
+        return [make_batches(mix, dense_cfg, args.steps, seed=args.seed + i, order_seed=(args.seed + i) * 1000 + k)
+                for i in range(n_passes)]
+
+    timed = arm_passes(0)[args.warmup:args.warmup + args.repeats]  # the same real tokens for every arm
     real = [sum(int(b["lengths"].sum()) for b in bs) for bs in timed]  # real tokens of each timed pass
-    padded = sum(b["input_ids"].numel() for bs in timed for b in bs)
+    padded = sum(b["input_ids"].numel() for bs in timed for b in bs)  # as arm 0 batches them
     batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(sum(real) / (args.steps * len(real)), 1),
                   "padded_tokens_per_step": round(padded / (args.steps * len(real)), 1),
                   "padding_share": round(1 - sum(real) / padded, 4), "repeat_batches": args.repeat_batches}
-    dev_passes = [[{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in bs]
-                  for bs in passes]
+
+    def on_device(passes):
+        return [[{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in bs] for bs in passes]
     with tempfile.TemporaryDirectory() as tmp:
         for arch, cfg in configs.items():
             for impl in args.impls:
@@ -438,7 +448,8 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                         forward = _xlt_forward
                     model = model.to(device).train()
                     opt, _ = make_optimizer(model, LoopConfig(steps=1, lr=args.lr))
-                    arms.append(Arm(arch, impl, cfg, model, opt, forward, dev_passes, row | info, [], [], []))
+                    arms.append(Arm(arch, impl, cfg, model, opt, forward, on_device(arm_passes(len(arms))), row | info,
+                                    [], [], []))
                 except torch.cuda.OutOfMemoryError as e:  # a size that does not fit this device
                     rows.append(row | {"skipped": f"out of memory building the model: {str(e).splitlines()[0]}"})
                     _free(device)
@@ -584,8 +595,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU (default: "
                     "the table of GPUs for bf16; none on CPU)")
-    ap.add_argument("--repeat-batches", action="store_true", help="every pass on the same batches (the method "
-                    "before 2026-12-02; default: new batches for each pass, the same for every arm)")
+    ap.add_argument("--repeat-batches", action=argparse.BooleanOptionalAction, default=None,
+                    help="every pass and arm on the same batches (default on CUDA; on CPU the default draws new "
+                    "sequences for each pass, the same for every arm, batched in each arm's own order)")
     ap.add_argument("--label", default=None, help="a note recorded in every row (e.g. which models/ code ran)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (the 'tiny' preset, short mixes)")
     ap.add_argument("--results", default=None,
@@ -603,6 +615,8 @@ def parse_args(argv=None):
         ap.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    if args.repeat_batches is None:
+        args.repeat_batches = args.device == "cuda"
     args.steps = (2 if args.tiny else 8) if args.steps is None else args.steps
     args.repeats = (2 if args.tiny else 5) if args.repeats is None else args.repeats
     for name in ("steps", "repeats"):

@@ -213,9 +213,10 @@ def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
 
 
 @pytest.mark.parametrize("repeat", [False, True])
-def test_every_pass_trains_on_new_batches_the_same_for_every_arm(monkeypatch, repeat):
-    """Two arms, run interleaved (warm-up A B, then A B per timed pass, then the memory pass A B): the batches of
-    each pass are the same for both arms, and new for every pass unless --repeat-batches."""
+def test_every_pass_draws_new_sequences_the_same_for_every_arm(monkeypatch, repeat):
+    """Two arms, run interleaved (warm-up A B, then A B per timed pass, then the memory pass A B). By default on
+    CPU each pass draws new sequences, the same for both arms, batched in each arm's own order (so the second
+    arm does not find the first's shapes cached); with --repeat-batches every pass and arm has the same batches."""
     seen = []  # the lengths of each pass's batches, in the order the passes ran
     real_run, real_memory = tp.Meter.run, tp.Meter.memory_pass
 
@@ -226,7 +227,16 @@ def test_every_pass_trains_on_new_batches_the_same_for_every_arm(monkeypatch, re
     monkeypatch.setattr(tp.Meter, "memory_pass", lambda self, step, b: (record(b), real_memory(self, step, b))[1])
     argv = ["--device", "cpu", "--tiny", "--archs", "dense", "--impls", "xlt,hf", "--repeats", "3"]
     args = tp.parse_args(argv + (["--repeat-batches"] if repeat else []))
+    assert args.repeat_batches is repeat  # the CPU default: new sequences
     rows = tp.run_group("tiny", tp.mixes("cpu", tiny=True)["xnli"], args, torch.device("cpu"), "fp32", {})
     assert all(r["repeat_batches"] is repeat for r in rows) and len(rows) == 2
-    assert len(seen) == 2 * (1 + 3 + 1) and seen[0::2] == seen[1::2]  # each pass: both arms, the same batches
-    assert len(set(seen[0::2])) == (1 if repeat else 5)
+    assert len(seen) == 2 * (1 + 3 + 1)
+
+    def sequences(p):
+        return sorted(n for batch in p for n in batch)
+
+    first, second = seen[0::2], seen[1::2]
+    assert [sequences(p) for p in first] == [sequences(p) for p in second]  # each pass: the same sequences
+    assert len({tuple(sequences(p)) for p in first}) == (1 if repeat else 5)  # new ones for every pass
+    assert (first == second) is repeat  # ... batched in each arm's own order
+    assert tp.parse_args(["--device", "cpu", "--no-repeat-batches"]).repeat_batches is False
