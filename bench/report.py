@@ -285,7 +285,8 @@ def runs(rows: list[dict]) -> list[str]:
     for (command, steps, repeats, warmup, repeat), group in sorted(by_run.items(), key=lambda kv: str(kv[0])):
         presets = sorted({str(r.get("preset")) for r in group})
         commits = sorted({str(r.get("commit")) for r in group})
-        batches = "the same batches every pass" if repeat else "new batches each pass"
+        batches = ("the same batches every pass" if repeat
+                   else "new sequences each pass, batched in each arm's own order")
         lines.append(f"- {', '.join(presets)} at {', '.join(commits)}: {steps} steps per pass, {repeats} timed "
                      f"passes per arm after {warmup} warm-up, {batches}" + (f"; `{command}`" if command else ""))
     return lines

@@ -90,7 +90,7 @@ def test_report_takes_several_commits_and_keeps_each_runs_method():
                      "- xlmr-base at bbb2222: 2 steps per pass, 3 timed passes per arm after 1 warm-up, the same "
                      "batches every pass; `short`"]
     kept[0]["repeat_batches"] = False
-    assert "new batches each pass" in "".join(bench_report.runs(kept))
+    assert "new sequences each pass" in "".join(bench_report.runs(kept))
 
 
 def test_cost_exponent_is_the_slope_of_seconds_per_token():
