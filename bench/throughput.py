@@ -5,7 +5,7 @@
                                [--warmup W] [--precision auto|fp32|bf16] [--hf-attn sdpa] [--threads T]
                                [--peak-tflops X] [--[no-]repeat-batches] [--tiny] [--results PATH]
 
-Arms, one per (architecture, implementation), all trained on the same batches with the same optimizer
+Arms, one per (architecture, implementation), all trained on the same sequences with the same optimizer
 (`engine.trainer.make_optimizer`: fused AdamW, constant learning rate here), gradient clipping at 1.0 and the
 same precision (bf16 autocast where the device computes bf16 natively, `--precision auto`):
 - `xlt`: models.TaskModel, kernel backend "auto" (Triton on CUDA; on CPU "auto" resolves to the PyTorch paths,
@@ -31,7 +31,7 @@ a Hugging Face Trainer without length grouping pads):
   with a stride (overlap) of 128 as `engine.data.featurize_qa` does; span head;
 - `full`: every sequence 128 tokens (no padding): the implementations' quality on equal work.
 
-Timing: within each repeat every arm runs one pass over the same `--steps` batches, arms interleaved
+Timing: within each repeat every arm runs one pass of `--steps` batches of the same sequences, arms interleaved
 (A, B, C, A, B, C, ...) so that the ratios are side by side and robust to other load; after `--warmup` passes
 per arm (Triton compiles and autotunes then). On CPU every pass draws new sequences, as training does: there
 a GEMM shape seen before is cheaper (oneDNN builds a primitive per shape and caches it), so passes over the
@@ -397,25 +397,26 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
     if mix.max_len > dense_cfg.max_seq_len:
         reason = f"{preset_name} holds {dense_cfg.max_seq_len} positions; the {mix.name} mix needs {mix.max_len}"
         return [row_for(a, i, configs[a]) | {"skipped": reason} for a in configs for i in args.impls]
-    # The batches of each pass (warm-up, timed, and on CPU the memory pass) for arm number `k`: pass i's
-    # sequences (seeded), in arm k's own order; or every pass and arm on the first pass's batches.
+    # The batches of each pass (warm-up, timed, and on CPU the memory pass) for arm number `k`, on the device:
+    # pass i's sequences (seeded), in arm k's own order; or every pass and arm on one list of batches.
     n_passes = args.warmup + args.repeats + (device.type == "cpu")
+
+    def on_device(batches):
+        return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
     def arm_passes(k: int) -> list[list[dict]]:
         if args.repeat_batches:
-            return [make_batches(mix, dense_cfg, args.steps, seed=args.seed)] * n_passes
-        return [make_batches(mix, dense_cfg, args.steps, seed=args.seed + i, order_seed=(args.seed + i) * 1000 + k)
-                for i in range(n_passes)]
+            return [first] * n_passes
+        return [on_device(make_batches(mix, dense_cfg, args.steps, seed=args.seed + i,
+                                       order_seed=(args.seed + i) * 1000 + k)) for i in range(n_passes)]
 
+    first = on_device(make_batches(mix, dense_cfg, args.steps, seed=args.seed)) if args.repeat_batches else None
     timed = arm_passes(0)[args.warmup:args.warmup + args.repeats]  # the same real tokens for every arm
     real = [sum(int(b["lengths"].sum()) for b in bs) for bs in timed]  # real tokens of each timed pass
     padded = sum(b["input_ids"].numel() for bs in timed for b in bs)  # as arm 0 batches them
     batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(sum(real) / (args.steps * len(real)), 1),
                   "padded_tokens_per_step": round(padded / (args.steps * len(real)), 1),
                   "padding_share": round(1 - sum(real) / padded, 4), "repeat_batches": args.repeat_batches}
-
-    def on_device(passes):
-        return [[{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in bs] for bs in passes]
     with tempfile.TemporaryDirectory() as tmp:
         for arch, cfg in configs.items():
             for impl in args.impls:
@@ -448,7 +449,7 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                         forward = _xlt_forward
                     model = model.to(device).train()
                     opt, _ = make_optimizer(model, LoopConfig(steps=1, lr=args.lr))
-                    arms.append(Arm(arch, impl, cfg, model, opt, forward, on_device(arm_passes(len(arms))), row | info,
+                    arms.append(Arm(arch, impl, cfg, model, opt, forward, arm_passes(len(arms)), row | info,
                                     [], [], []))
                 except torch.cuda.OutOfMemoryError as e:  # a size that does not fit this device
                     rows.append(row | {"skipped": f"out of memory building the model: {str(e).splitlines()[0]}"})
@@ -597,7 +598,8 @@ def parse_args(argv=None):
                     "the table of GPUs for bf16; none on CPU)")
     ap.add_argument("--repeat-batches", action=argparse.BooleanOptionalAction, default=None,
                     help="every pass and arm on the same batches (default on CUDA; on CPU the default draws new "
-                    "sequences for each pass, the same for every arm, batched in each arm's own order)")
+                    "sequences for each pass, the same for every arm, batched in each arm's own order; on CUDA "
+                    "--no-repeat-batches can meet attention autotune keys first in a timed pass)")
     ap.add_argument("--label", default=None, help="a note recorded in every row (e.g. which models/ code ran)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (the 'tiny' preset, short mixes)")
     ap.add_argument("--results", default=None,
