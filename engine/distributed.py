@@ -12,6 +12,7 @@ on CPU and NCCL on GPUs (one GPU per rank, cuda:LOCAL_RANK).
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from contextlib import contextmanager
@@ -64,6 +65,13 @@ def setup(mode: str, device_type: str) -> Dist:
         _CURRENT = Dist()
         return _CURRENT
     if not dist.is_initialized():
+        # torch.distributed.nn's functions take `group=group.WORLD` as a default argument, bound at import: imported
+        # after init (DDP imports it) they hold the process group forever, so destroy_process_group cannot free it
+        # and gloo's worker threads outlive shutdown(); a worker still releasing a finished collective's tensors
+        # when the interpreter exits needs the GIL and aborts the rank ("terminate called without an active
+        # exception", seen in CI). Imported first, those defaults are None. tests/engine/test_distributed.py
+        # checks that shutdown() leaves no thread behind.
+        import torch.distributed.nn  # noqa: F401
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -86,16 +94,25 @@ def wrap(model: torch.nn.Module, d: Dist, bf16: bool) -> torch.nn.Module:
         device = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    on_gpu = next(model.parameters()).device.type == "cuda"
+    device_type = next(model.parameters()).device.type
+    on_gpu = device_type == "cuda"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if (bf16 and on_gpu) else None,
                                   reduce_dtype=torch.float32 if on_gpu else None)
+    mesh = init_device_mesh(device_type, (d.world,))
+    _MESHES.append(mesh)
     encoder = getattr(model, "encoder", model)
     for layer in encoder.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+# FSDP2's device meshes: each holds the process group in its registry and outlives the model (DTensor's sharding
+# caches keep it), so shutdown() empties them (see there)
+_MESHES: list = []
 
 
 @contextmanager
@@ -211,11 +228,20 @@ def load_sharded(module: torch.nn.Module, opt, folder: Path) -> None:
 def shutdown() -> None:
     global _CURRENT
     if dist.is_initialized():
-        # every rank reaches the end before any tears gloo's connections down: a rank whose peer closed first
-        # aborts ("terminate called without an active exception"), seen once in CI on the DDP test
-        dist.barrier()
+        # destroy_process_group must drop the last reference to the group, so that the backend joins its threads
+        # now and not while the interpreter exits (see setup). Other holders: FSDP2's device meshes, and a DDP
+        # wrapper left in a reference cycle (collected here).
+        _drop_group_holders()
+        dist.barrier()  # every rank reaches the end before any tears its connections down
         dist.destroy_process_group()
     _CURRENT = Dist()
+
+
+def _drop_group_holders() -> None:
+    for mesh in _MESHES:
+        getattr(mesh, "_pg_registry", {}).clear()
+    _MESHES.clear()
+    gc.collect()
 
 
 def abandon() -> None:

@@ -1,7 +1,8 @@
 """A training loop run for tests/engine/test_distributed.py, in one process or under torchrun: a tiny encoder
 with a pair head on the synthetic suite's NLI rows, no dropout, `--steps` steps of a global batch of 16 in
 `--micro` micro-batches per rank, optionally checkpointed / resumed in `--state`. Rank 0 writes the final weights
-and the logged losses to `--out`."""
+and the logged losses to `--out`; every rank writes how many threads it ran before the process group and after
+shutdown (threads-<rank>.json: gloo's must be gone, see engine.distributed.setup)."""
 import argparse
 import json
 import os
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    threads_before = _threads()
     d = distributed.setup(args.mode, "cpu")
     world = SyntheticWorld(0, ("en", "qsv"), {"syn-xnli": (96, 8, 8)})
     rows = world.load("syn-xnli", "train", "en")
@@ -49,7 +51,15 @@ def main() -> None:
     if d.is_main:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
         (out / "world.json").write_text(json.dumps({"world": d.world, "mode": d.mode}))
+    rank = d.rank
     distributed.shutdown()
+    (out / f"threads-{rank}.json").write_text(json.dumps({"before": threads_before, "after": _threads()}))
+
+
+def _threads() -> int:
+    """This process's native threads (Linux), -1 where /proc does not list them."""
+    tasks = Path("/proc/self/task")
+    return len(list(tasks.iterdir())) if tasks.is_dir() else -1
 
 
 if __name__ == "__main__":
