@@ -411,7 +411,8 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                                        order_seed=(args.seed + i) * 1000 + k)) for i in range(n_passes)]
 
     first = on_device(make_batches(mix, dense_cfg, args.steps, seed=args.seed)) if args.repeat_batches else None
-    timed = arm_passes(0)[args.warmup:args.warmup + args.repeats]  # the same real tokens for every arm
+    passes_0 = arm_passes(0)
+    timed = passes_0[args.warmup:args.warmup + args.repeats]  # the same real tokens for every arm
     real = [sum(int(b["lengths"].sum()) for b in bs) for bs in timed]  # real tokens of each timed pass
     padded = sum(b["input_ids"].numel() for bs in timed for b in bs)  # as arm 0 batches them
     batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(sum(real) / (args.steps * len(real)), 1),
@@ -449,8 +450,8 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                         forward = _xlt_forward
                     model = model.to(device).train()
                     opt, _ = make_optimizer(model, LoopConfig(steps=1, lr=args.lr))
-                    arms.append(Arm(arch, impl, cfg, model, opt, forward, arm_passes(len(arms)), row | info,
-                                    [], [], []))
+                    passes = passes_0 if not arms else arm_passes(len(arms))  # arm 0's are drawn above
+                    arms.append(Arm(arch, impl, cfg, model, opt, forward, passes, row | info, [], [], []))
                 except torch.cuda.OutOfMemoryError as e:  # a size that does not fit this device
                     rows.append(row | {"skipped": f"out of memory building the model: {str(e).splitlines()[0]}"})
                     _free(device)
