@@ -69,8 +69,8 @@ def setup(mode: str, device_type: str) -> Dist:
         # after init (DDP imports it) they hold the process group forever, so destroy_process_group cannot free it
         # and gloo's worker threads outlive shutdown(); a worker still releasing a finished collective's tensors
         # when the interpreter exits needs the GIL and aborts the rank ("terminate called without an active
-        # exception", seen in CI). Imported first, those defaults are None. tests/engine/test_distributed.py
-        # checks that shutdown() leaves no thread behind.
+        # exception", seen in CI). Imported first, those defaults are None. tests/engine/dist_train.py (run by
+        # tests/engine/test_distributed.py) checks that shutdown() leaves no thread behind.
         import torch.distributed.nn  # noqa: F401
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":

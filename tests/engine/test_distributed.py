@@ -1,7 +1,7 @@
 """Gradient accumulation and torchrun (gloo on CPU): k micro-batches of b give the step of one batch of k.b,
 2 ranks x b that of 1 rank x 2b, with DDP and with FSDP2 (fp32 tolerance), and a checkpoint of a 2-rank run
 (DDP's whole state, FSDP2's torch.distributed.checkpoint shards) resumes in one process as if it had run there;
-every 2-rank run ends with gloo's threads joined."""
+every run ends with gloo's threads joined (dist_train.py fails otherwise)."""
 import json
 import os
 import shutil
@@ -51,17 +51,6 @@ def test_two_ranks_give_the_one_rank_step(single, tmp_path, mode):
     _close(weights, single[0])
     assert losses == pytest.approx(single[1], rel=1e-5)  # the logged loss is the global batch's
     assert json.loads((tmp_path / "world.json").read_text()) == {"world": 2, "mode": mode}
-    _assert_no_thread_left(tmp_path, 2)
-
-
-def _assert_no_thread_left(out: Path, world: int) -> None:
-    """shutdown() freed the process group, so gloo's worker threads are joined: a worker left running can abort the
-    rank at exit (engine.distributed.setup)."""
-    for rank in range(world):
-        threads = json.loads((out / f"threads-{rank}.json").read_text())
-        if threads["before"] < 0:
-            pytest.skip("no /proc/self/task to count threads")
-        assert threads["after"] == threads["before"], (rank, threads)
 
 
 @pytest.mark.slow
@@ -69,7 +58,6 @@ def _assert_no_thread_left(out: Path, world: int) -> None:
 def test_a_two_rank_checkpoint_resumes_in_one_process(single, tmp_path, mode):
     state = tmp_path / "state"
     _run(tmp_path / "first", 2, "--steps", 6, "--mode", mode, "--state", state, "--every", 3)
-    _assert_no_thread_left(tmp_path / "first", 2)  # torch.distributed.checkpoint holds no group either
     steps = sorted(p.name for p in state.iterdir() if p.name.startswith("step-"))
     if mode == "fsdp2":
         assert "step-00000003.dcp" in steps  # torch.distributed.checkpoint shards
