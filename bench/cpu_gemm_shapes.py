@@ -1,4 +1,5 @@
-"""What a CPU GEMM of a new shape costs: why the MoE twin pads expert groups (kernels.moe.CPU_ROW_BUCKET).
+"""What a CPU GEMM of a new shape costs: why row counts that change every step are padded on CPU in bf16
+(kernels.dispatch.CPU_ROW_BUCKET): the encoder's packed tokens and the MoE twin's expert groups.
 
     python -m bench.cpu_gemm_shapes [--threads 2] [--rows 300,1000] [--calls 50] [--rounds 4] [--results PATH]
 
@@ -57,7 +58,7 @@ def measure(dtype: torch.dtype, base: int, calls: int, rounds: int, bucket: int)
 
 
 def main(argv=None) -> int:
-    from kernels.moe import CPU_ROW_BUCKET
+    from kernels.dispatch import CPU_ROW_BUCKET
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)

@@ -126,6 +126,8 @@ def table(rows: list[dict]) -> list[str]:
 ABLATIONS = {  # ablation impl -> (the ratio field on the xlt row, the table's title)
     "xlt-all-rows": ("speedup_vs_xlt_all_rows",
                      "the last layer on first tokens only (`xlt`) against every row computed (`xlt-all-rows`)"),
+    "xlt-unpadded-rows": ("speedup_vs_xlt_unpadded_rows", "the packed tokens padded to 64 rows (`xlt`) against "
+                          "unpadded (`xlt-unpadded-rows`)"),
     "xlt-unbucketed": ("speedup_vs_xlt_unbucketed", "the MoE twin's expert groups padded to 64 rows (`xlt`) against "
                        "unpadded (`xlt-unbucketed`)"),
     "xlt-fp32-scores": ("speedup_vs_xlt_fp32_scores", "attention's (S, S) tensors in bf16 under autocast (`xlt`) "

@@ -14,10 +14,11 @@ same precision (bf16 autocast where the device computes bf16 natively, `--precis
 - `hf`: the `transformers` model (`XLMRobertaFor*` / `BertFor*`) loaded from `models.hf.export` of the XLT
   model, so the weights and config are identical, with `--hf-attn` attention (default "sdpa"). Transformers has
   no BERT / XLM-R Mixture-of-Experts: MoE arms are XLT only, and the hf MoE rows say `skipped`.
-- `xlt-unbucketed`, `xlt-fp32-scores` (ablations, not in the default list; CPU in bf16 only, elsewhere they
-  would equal `xlt` and their rows say `skipped`): `xlt` with the MoE twin's expert groups not padded to
-  `kernels.moe.CPU_ROW_BUCKET` rows, or with attention's (S, S) tensors in autocast's fp32 softmax instead of
-  bf16 (`kernels.attention.CPU_AUTOCAST_SCORES`);
+- `xlt-unpadded-rows`, `xlt-unbucketed`, `xlt-fp32-scores` (ablations, not in the default list; CPU in bf16
+  only, elsewhere they would equal `xlt` and their rows say `skipped`): `xlt` with the encoder's packed tokens
+  not padded to a multiple of `kernels.dispatch.CPU_ROW_BUCKET` rows (`models.encoder.PAD_ROWS`), with the MoE
+  twin's expert groups not padded to it (`kernels.moe.PAD_EXPERT_GROUPS`), or with attention's (S, S) tensors in
+  autocast's fp32 softmax instead of bf16 (`kernels.attention.CPU_AUTOCAST_SCORES`);
 - `xlt-all-rows` (an ablation, not in the default list): `xlt` with `TaskModel.first_token_only` off, so the
   last layer computes every token's row although the classification head reads only the first token's;
 - the MoE architecture is `<preset>-moe8` (8 experts, top-2, experts half as wide: matched on active
@@ -79,9 +80,10 @@ from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, timed_calls
 
 IMPLS = ("xlt", "xlt-torch", "hf")
 # xlt-all-rows: xlt with TaskModel.first_token_only off (every row of the last layer computed). The others are
-# xlt with one CPU-bf16 choice of the kernels undone during their steps (module, switch, value; see SWITCHES).
-SWITCHES = {"xlt-unbucketed": ("moe", "CPU_ROW_BUCKET", 1),  # MoE expert groups not padded
-            "xlt-fp32-scores": ("attention", "CPU_AUTOCAST_SCORES", False)}  # autocast's fp32 softmax in attention
+# xlt with one CPU-bf16 choice undone during their steps (module, switch, value; see _switched).
+SWITCHES = {"xlt-unpadded-rows": ("models.encoder", "PAD_ROWS", False),  # packed tokens not padded to the bucket
+            "xlt-unbucketed": ("kernels.moe", "PAD_EXPERT_GROUPS", False),  # MoE expert groups not padded
+            "xlt-fp32-scores": ("kernels.attention", "CPU_AUTOCAST_SCORES", False)}  # autocast's fp32 softmax
 ABLATIONS = ("xlt-all-rows",) + tuple(SWITCHES)
 ARCHS = ("dense", "moe")
 BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto"} | {a: "auto" for a in SWITCHES}
@@ -544,14 +546,14 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
 
 @contextlib.contextmanager
 def _switched(impl: str):
-    """For an ablation arm of SWITCHES: its kernel module's switch set for the duration; otherwise nothing."""
+    """For an ablation arm of SWITCHES: its module's switch set for the duration; otherwise nothing."""
     if impl not in SWITCHES:
         yield
         return
     import importlib
 
     name, switch, value = SWITCHES[impl]
-    module = importlib.import_module(f"kernels.{name}")
+    module = importlib.import_module(name)
     saved = getattr(module, switch)
     setattr(module, switch, value)
     try:

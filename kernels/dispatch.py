@@ -57,3 +57,23 @@ def host_checks(t: torch.Tensor) -> bool:
 
 def triton_impl(op: str) -> Callable:
     return _TRITON_OPS[op]
+
+
+# On CPU, bf16 / fp16 GEMMs go to oneDNN, which builds a primitive for every new shape and caches it: a GEMM
+# of a row count not seen before costs 1.9-2.7x per row one seen before (bench/results/cpu_gemm_shapes.jsonl,
+# `python -m bench.cpu_gemm_shapes`). Row counts that change every step (the packed tokens of a batch, each
+# expert's group of rows) are therefore rounded up to a multiple of this many rows on that path: the
+# encoder's packed rows (models.encoder.Packing) and the MoE twin's expert groups (kernels.moe).
+CPU_ROW_BUCKET = 64
+
+
+def row_bucket(x: torch.Tensor) -> int:
+    """The multiple that row counts of GEMMs on this tensor's path are rounded up to: CPU_ROW_BUCKET where they
+    run in bf16 / fp16 on CPU (its dtype, or CPU autocast's: oneDNN), 1 otherwise (fp32 goes to MKL, GPUs to
+    cuBLAS: neither pays for a new shape)."""
+    if x.device.type != "cpu":
+        return 1
+    low = (torch.bfloat16, torch.float16)
+    if x.dtype in low or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low):
+        return CPU_ROW_BUCKET
+    return 1

@@ -130,36 +130,22 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
     return moe_unpermute_reference(y_sorted, weights, plan)
 
 
-# On CPU, bf16 / fp16 GEMMs go to oneDNN, which builds a primitive for every new shape and caches it: a GEMM
-# of a row count not seen before costs 1.9-2.7x per row one seen before (bench/results/cpu_gemm_shapes.jsonl,
-# `python -m bench.cpu_gemm_shapes`). Expert group sizes change every step, so the CPU path rounds each group
-# up to a multiple of this many rows; the extra rows are zeros whose outputs are dropped (their gradients are
-# exactly zero), so the result is unchanged.
-CPU_ROW_BUCKET = 64
-
-
-def row_bucket(x: torch.Tensor) -> int:
-    """The multiple expert groups are padded to on this tensor's path: CPU_ROW_BUCKET where its GEMMs run in
-    bf16 / fp16 on CPU (its dtype, or CPU autocast's: oneDNN), 1 otherwise (fp32 goes to MKL, GPUs to cuBLAS:
-    neither pays for a new shape)."""
-    if x.device.type != "cpu":
-        return 1
-    low = (torch.bfloat16, torch.float16)
-    if x.dtype in low or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low):
-        return CPU_ROW_BUCKET
-    return 1
+# Whether the twin pads expert groups to the GEMM row bucket (kernels.dispatch.CPU_ROW_BUCKET: group sizes change
+# every step); False is bench.throughput's `xlt-unbucketed` ablation.
+PAD_EXPERT_GROUPS = True
 
 
 def moe_expert_ffn_reference(x_sorted, tokens_per_expert, w_up, b_up, w_down, b_down):
     """Loop over experts: down_e(gelu(up_e(rows of expert e))). One host sync (the group sizes). The stacked
     weights are unbound once, not indexed per expert: indexing's backward writes each expert's gradient into
-    a zeroed copy of the whole stack (E full-size buffers), unbind's stacks them once. Groups are padded to
-    `row_bucket(x_sorted)` rows (see CPU_ROW_BUCKET)."""
+    a zeroed copy of the whole stack (E full-size buffers), unbind's stacks them once. Each group is padded to
+    a multiple of `dispatch.row_bucket(x_sorted)` rows (expert group sizes change every step); the pad rows are
+    zeros whose outputs are dropped (their gradients are exactly zero), so the result is unchanged."""
     E = w_up.shape[0]
     ups, downs = w_up.unbind(0), w_down.unbind(0)
     b_ups = [None] * E if b_up is None else b_up.unbind(0)
     b_downs = [None] * E if b_down is None else b_down.unbind(0)
-    bucket = row_bucket(x_sorted)
+    bucket = dispatch.row_bucket(x_sorted) if PAD_EXPERT_GROUPS else 1
     outs = []
     for e, xe in enumerate(x_sorted.split(tokens_per_expert.tolist())):
         n = xe.shape[0]

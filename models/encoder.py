@@ -6,7 +6,8 @@ a single query row per sequence, goes to the attention twin (`kernels.attention_
 Inputs are right-padded batches. The encoder unpads once, before the embeddings, and runs every layer on the
 packed real tokens (total_tokens, hidden) with variable-length attention (`kernels.attention_varlen`), so
 padding costs no FLOPs in the linear layers, norms and FFNs; outputs are re-padded at the end (padding
-positions hold zeros).
+positions hold zeros). On CPU in bf16 the packed rows are followed by up to 63 pad rows (`Packing.pad_rows`:
+a GEMM row count that changes every step is slow there), which no real row's value or gradient depends on.
 
 Where attention runs on the PyTorch path (CPU, backend "torch"), that path re-pads each call's sequences to
 the call's longest one; so the packed layout holds the sequences sorted by decreasing length, and each layer
@@ -47,6 +48,10 @@ __all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Packing", "Pool
 # longest length^2 x heads), fitted by hand to CPU timings of kernels.attention_varlen forward + backward; no
 # bench row isolates it (the grouping's effect on training steps is part of bench.throughput's rows).
 GROUP_CALL_COST = 16384
+
+# Whether the layers run on the packed tokens padded to the GEMM row bucket (Packing.pad_rows); False is
+# bench.throughput's `xlt-unpadded-rows` ablation.
+PAD_ROWS = True
 
 
 def lengths_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ class SelfAttention(nn.Module):
         p = self.cfg.attention_dropout if self.training else 0.0
         if first_only:
             return self.o(self._first_query(x, seqs, p).reshape(-1, heads * d))
-        q, k, v = (proj(x).view(-1, heads, d) for proj in (self.q, self.k, self.v))
+        q, k, v = (seqs.real_rows(proj(x)).view(-1, heads, d) for proj in (self.q, self.k, self.v))
         if seqs.groups:  # the PyTorch path: one call per group of similar lengths
             out = torch.cat([kernels.attention_varlen(q[a:b], k[a:b], v[a:b], cu, n, dropout_p=p,
                                                       backend=self.cfg.kernel_backend)
@@ -112,7 +117,7 @@ class SelfAttention(nn.Module):
         else:
             out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
                                            backend=self.cfg.kernel_backend)
-        return self.o(out.reshape(-1, heads * d))
+        return self.o(seqs.pad_rows(out.reshape(-1, heads * d)))
 
     def _first_query(self, x, seqs: "Packing", p: float):
         """Attention of each sequence's first token over all of its keys: (B, heads, 1, head_dim). One query
@@ -124,10 +129,10 @@ class SelfAttention(nn.Module):
         B, longest = seqs.batch, max(seqs.lengths)
         q = self.q(x[seqs.first_rows]).view(B, 1, heads, d).transpose(1, 2)
         if seqs.index is None:  # no padding: a view
-            k, v = (proj(x).view(B, longest, heads, d).transpose(1, 2) for proj in (self.k, self.v))
+            k, v = (seqs.real_rows(proj(x)).view(B, longest, heads, d).transpose(1, 2) for proj in (self.k, self.v))
             lengths = None
         else:
-            k, v = (pad_packed(proj(x).view(-1, heads, d), seqs.cu_seqlens, longest).transpose(1, 2)
+            k, v = (pad_packed(seqs.real_rows(proj(x)).view(-1, heads, d), seqs.cu_seqlens, longest).transpose(1, 2)
                     for proj in (self.k, self.v))
             lengths = seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1]
         return kernels.attention_reference(q, k, v, lengths, dropout_p=p)
@@ -153,21 +158,25 @@ class Layer(nn.Module):
         self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, x, seqs: "Packing", first_only: bool = False):
-        """x: (total_tokens, hidden), real tokens only (so an MoE FFN routes no padding). With first_only the
-        output holds only each sequence's first token (B, hidden), in packed order."""
-        if first_only and isinstance(self.ffn, MoEFeedForward):  # its router sees every token: full attention
+        """x: (seqs.rows, hidden), the packed real tokens and their pad rows (Packing.pad_rows). With first_only
+        the output holds only each sequence's first token (B, hidden), in packed order."""
+        moe = isinstance(self.ffn, MoEFeedForward)
+        if first_only and moe:  # its router sees every token: full attention
             first = seqs.first_rows
             if self.pre_norm:
                 x = x + self.dropout(self.attn(self.attn_norm(x), seqs))
-                return x[first] + self.dropout(self.ffn.forward_rows(self.ffn_norm(x), first))
+                return x[first] + self.dropout(self.ffn.forward_rows(seqs.real_rows(self.ffn_norm(x)), first))
             x = self.attn_norm(x + self.dropout(self.attn(x, seqs)))
-            return self.ffn_norm(x[first] + self.dropout(self.ffn.forward_rows(x, first)))
+            return self.ffn_norm(x[first] + self.dropout(self.ffn.forward_rows(seqs.real_rows(x), first)))
+        # first_only: the B first rows, no pad rows; an MoE routes the real tokens only (pad rows would enter
+        # its statistics and auxiliary losses)
+        ffn = self.ffn if first_only or not moe else (lambda h: seqs.pad_rows(self.ffn(seqs.real_rows(h))))
         if self.pre_norm:
             h = self.attn_norm(x)
             x = (x[seqs.first_rows] if first_only else x) + self.dropout(self.attn(h, seqs, first_only))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+            return x + self.dropout(ffn(self.ffn_norm(x)))
         x = self.attn_norm((x[seqs.first_rows] if first_only else x) + self.dropout(self.attn(x, seqs, first_only)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return self.ffn_norm(x + self.dropout(ffn(x)))
 
 
 def length_groups(lengths: list[int], heads: int, call_cost: int = GROUP_CALL_COST) -> list[tuple[int, int]]:
@@ -205,8 +214,9 @@ class Packing(NamedTuple):
     """Where the real tokens of a right-padded (B, S) batch sit in the packed layout: `index`, their flat
     indices into B*S (None: no padding, every position in order); `order`, the batch row of each packed
     sequence (None: batch order); the flash-attn-style cu_seqlens (B+1,) and max_seqlen; the host copy of the
-    lengths in packed order; and `groups`, the (first row, end row, cu_seqlens, longest) of each attention
-    call on the PyTorch path (empty: one call over all)."""
+    lengths in packed order; `groups`, the (first row, end row, cu_seqlens, longest) of each attention call on
+    the PyTorch path (empty: one call over all); `tokens`, the real tokens (the packed rows), and `rows`, the
+    rows the layers run on: `tokens` rounded up to the GEMM row bucket (`pad_rows`)."""
     index: torch.Tensor | None
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -214,18 +224,23 @@ class Packing(NamedTuple):
     lengths: tuple[int, ...]
     order: torch.Tensor | None = None
     groups: tuple = ()
+    tokens: int = 0
+    rows: int = 0
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, seq_len: int, group_heads: int | None = None) -> "Packing":
+    def from_lengths(cls, lengths: torch.Tensor, seq_len: int, group_heads: int | None = None,
+                     row_multiple: int = 1) -> "Packing":
         """With group_heads (the attention path re-pads: heads of the layers), sequences are sorted by
-        decreasing length and grouped for attention (length_groups)."""
+        decreasing length and grouped for attention (length_groups). With row_multiple > 1 the layers run on
+        the real tokens' rows followed by pad rows up to a multiple of it (`pad_rows`)."""
         device = lengths.device
         lengths = lengths.to(torch.int32)
         host = [int(n) for n in lengths.tolist()]  # one host sync, as the packing index needs anyway
-        B = len(host)
+        B, tokens = len(host), sum(host)
+        padded_rows = -(-tokens // row_multiple) * row_multiple
         if all(n == seq_len for n in host):
             cu = torch.arange(B + 1, dtype=torch.int32, device=device) * seq_len
-            return cls(None, cu, seq_len, B, tuple(host))
+            return cls(None, cu, seq_len, B, tuple(host), tokens=tokens, rows=padded_rows)
         order = None
         if group_heads:
             perm = sorted(range(B), key=lambda b: -host[b])  # stable: equal lengths keep their batch order
@@ -244,7 +259,21 @@ class Packing(NamedTuple):
                 for n in host:
                     offsets.append(offsets[-1] + n)
                 groups = tuple((offsets[a], offsets[b], cu[a:b + 1] - offsets[a], host[a]) for a, b in bounds)
-        return cls(index, cu, seq_len, B, tuple(host), order, groups)
+        return cls(index, cu, seq_len, B, tuple(host), order, groups, tokens, padded_rows)
+
+    def pad_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (rows, ...): zero rows appended. On CPU in bf16 a GEMM of a row count not seen before
+        builds a new oneDNN primitive (kernels.dispatch.CPU_ROW_BUCKET), and the packed token count changes
+        every step: the layers run on a row count rounded up to the bucket instead (bench.throughput's
+        `xlt-unpadded-rows` ablation measures the step without). Every op but attention is row-wise, and
+        attention, the MoE router and the outputs read the real rows only (`real_rows`): pad rows change no real
+        row's value and, as nothing reads their outputs, add nothing to any gradient."""
+        pad = self.rows - x.shape[0]
+        return x if pad <= 0 else torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, pad))
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) -> the real tokens' (tokens, ...) rows: a view."""
+        return x if self.rows == self.tokens else x[:self.tokens]
 
     @property
     def first_rows(self) -> torch.Tensor:
@@ -256,6 +285,7 @@ class Packing(NamedTuple):
         return t.reshape(-1) if self.index is None else t.reshape(-1)[self.index]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.real_rows(x)
         if self.index is None:
             return x.view(self.batch, self.max_seqlen, x.shape[-1])
         out = x.new_zeros((self.batch * self.max_seqlen, x.shape[-1])).index_copy(0, self.index, x)
@@ -385,8 +415,9 @@ class Encoder(nn.Module):
         if first_token_only and (output_hidden_states or output_layer is not None):
             raise ValueError("first_token_only returns the last layer's first token only: it cannot be combined "
                              "with output_hidden_states or output_layer")
-        seqs = Packing.from_lengths(lengths, S, self._group_heads(input_ids.device))
-        x = self.embeddings(input_ids, token_type_ids, seqs)  # unpadded from here on
+        seqs = Packing.from_lengths(lengths, S, self._group_heads(input_ids.device),
+                                    kernels.dispatch.row_bucket(self.embeddings.word.weight) if PAD_ROWS else 1)
+        x = seqs.pad_rows(self.embeddings(input_ids, token_type_ids, seqs))  # unpadded from here on
         # the last layer on first tokens only (not for a sequence without tokens: it has no first row)
         short = first_token_only and depth > 0 and seqs.batch > 0 and min(seqs.lengths) > 0
         states = [x]

@@ -177,26 +177,37 @@ def test_the_switch_ablations_undo_their_kernel_choice_during_their_steps(tmp_pa
     real_ffn, real_ref = moe.moe_expert_ffn_reference, attention.attention_reference
 
     def ffn_spy(*args):  # the bucket each expert-FFN call runs with
-        seen.append(("bucket", moe.CPU_ROW_BUCKET))
+        seen.append(("bucket", moe.PAD_EXPERT_GROUPS))
         return real_ffn(*args)
 
     def attention_spy(*args, compute_dtype=None, **kw):  # the dtype the CPU dropout path asks for
         seen.append(("scores", compute_dtype))
         return real_ref(*args, compute_dtype=compute_dtype, **kw)
 
+    from models import encoder
+    real_packing = encoder.Packing.from_lengths.__func__
+
+    def packing_spy(cls, *args, **kw):  # whether the encoder pads its packed rows in this step
+        seen.append(("rows", encoder.PAD_ROWS))
+        return real_packing(cls, *args, **kw)
+
+    monkeypatch.setattr(encoder.Packing, "from_lengths", classmethod(packing_spy))
     monkeypatch.setattr(moe, "moe_expert_ffn_reference", ffn_spy)
     monkeypatch.setattr(attention, "attention_reference", attention_spy)
     out = tmp_path / "switches.jsonl"
     assert tp.main(["--device", "cpu", "--tiny", "--precision", "bf16", "--mixes", "full",
-                    "--impls", "xlt,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
+                    "--impls", "xlt,xlt-unpadded-rows,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
     rows = {(r["arch"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert "no expert groups" in rows[("dense", "xlt-unbucketed")]["skipped"]
     assert rows[("moe", "xlt")]["speedup_vs_xlt_unbucketed"]["median"] > 0
     for arch in ("dense", "moe"):
         assert rows[(arch, "xlt")]["speedup_vs_xlt_fp32_scores"]["median"] > 0
-    assert {b for kind, b in seen if kind == "bucket"} == {1, moe.CPU_ROW_BUCKET}  # both arms ran
+        assert rows[(arch, "xlt")]["speedup_vs_xlt_unpadded_rows"]["median"] > 0
+    assert {b for kind, b in seen if kind == "bucket"} == {True, False}  # both arms ran
     assert {d for kind, d in seen if kind == "scores"} == {None, torch.bfloat16}
-    assert moe.CPU_ROW_BUCKET == 64 and attention.CPU_AUTOCAST_SCORES is True  # restored after the arms
+    assert {p for kind, p in seen if kind == "rows"} == {True, False}
+    assert moe.PAD_EXPERT_GROUPS is True and attention.CPU_AUTOCAST_SCORES is True  # restored after the arms
+    assert encoder.PAD_ROWS is True
     assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "xlt-unbucketed" in report and "xlt-fp32-scores" in report
@@ -205,9 +216,9 @@ def test_the_switch_ablations_undo_their_kernel_choice_during_their_steps(tmp_pa
 def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
     out = tmp_path / "fp32.jsonl"
     assert tp.main(["--device", "cpu", "--tiny", "--precision", "fp32", "--mixes", "full", "--archs", "moe",
-                    "--impls", "xlt,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
+                    "--impls", "xlt,xlt-unpadded-rows,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
     rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
-    for arm in ("xlt-unbucketed", "xlt-fp32-scores"):
+    for arm in ("xlt-unpadded-rows", "xlt-unbucketed", "xlt-fp32-scores"):
         assert "CPU bf16 path only" in rows[arm]["skipped"] and "fp32" in rows[arm]["skipped"]
     assert "skipped" not in rows["xlt"]
 

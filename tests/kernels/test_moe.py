@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import moe
+from kernels import dispatch, moe
 
 BACKENDS = ["torch", "triton"]
 
@@ -119,7 +119,7 @@ def test_route_is_bit_reproducible_and_uses_no_atomics(gen, mode):
 _BIG_OFFSETS = r"""
 import sys
 import torch
-from kernels import moe
+from kernels import dispatch, moe
 
 H, N, BH = 1 << 28, 9, 64  # int8 rows of 2**28 elements: row 8 starts at element 2**31
 # Tensors of N * H elements are allocated but never touched beyond the first BH columns of each row (one
@@ -323,11 +323,11 @@ def test_triton_ops_registered():
 
 
 def test_cpu_expert_groups_padded_to_the_row_bucket(gen, monkeypatch):
-    """On CPU in bf16 the twin pads each expert's group to a multiple of CPU_ROW_BUCKET rows (oneDNN caches a
+    """On CPU in bf16 the twin pads each expert's group to a multiple of dispatch.CPU_ROW_BUCKET rows (oneDNN caches a
     GEMM per shape). The pad rows must change nothing: outputs and every gradient equal the unpadded loop's."""
     g = gen
     E, H, Fd = 4, 32, 48
-    counts = torch.tensor([70, 0, 5, moe.CPU_ROW_BUCKET])  # a partial bucket, an empty group, a full one
+    counts = torch.tensor([70, 0, 5, dispatch.CPU_ROW_BUCKET])  # a partial bucket, an empty group, a full one
     R = int(counts.sum())
     x = torch.randn(R, H, generator=g).bfloat16().requires_grad_()
     w_up = (torch.randn(E, Fd, H, generator=g) / H**0.5).bfloat16().requires_grad_()
@@ -336,16 +336,16 @@ def test_cpu_expert_groups_padded_to_the_row_bucket(gen, monkeypatch):
     b_down = torch.randn(E, H, generator=g).bfloat16().requires_grad_()
     params = (x, w_up, b_up, w_down, b_down)
     gy = torch.randn(R, H, generator=g).bfloat16()
-    assert moe.row_bucket(x) == moe.CPU_ROW_BUCKET and moe.row_bucket(x.detach().float()) == 1
+    assert dispatch.row_bucket(x) == dispatch.CPU_ROW_BUCKET and dispatch.row_bucket(x.detach().float()) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 rows whose GEMMs autocast runs in bf16
-        assert moe.row_bucket(x.detach().float()) == moe.CPU_ROW_BUCKET
+        assert dispatch.row_bucket(x.detach().float()) == dispatch.CPU_ROW_BUCKET
 
     def run():
         y = moe.moe_expert_ffn(x, counts, w_up, b_up, w_down, b_down, backend="torch")
         return (y,) + torch.autograd.grad((y.float() * gy.float()).sum(), params)
 
     padded = run()
-    monkeypatch.setattr(moe, "CPU_ROW_BUCKET", 1)
+    monkeypatch.setattr(moe, "PAD_EXPERT_GROUPS", False)
     plain = run()
     for name, a, b in zip(("y", "dx", "dw_up", "db_up", "dw_down", "db_down"), padded, plain):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)

@@ -164,3 +164,62 @@ def test_first_token_only_refuses_hidden_states():
     enc = Encoder(_cfg())
     with pytest.raises(ValueError, match="first_token_only"):
         enc(torch.randint(2, 50, (2, 4)), first_token_only=True, output_hidden_states=True)
+
+
+def test_packing_pads_rows_to_the_multiple():
+    seqs = E.Packing.from_lengths(torch.tensor([9, 3, 7]), 9, group_heads=2, row_multiple=8)
+    assert (seqs.tokens, seqs.rows) == (19, 24)
+    x = torch.randn(19, 5)
+    padded = seqs.pad_rows(x)
+    assert padded.shape == (24, 5) and torch.equal(padded[:19], x) and not padded[19:].any()
+    assert torch.equal(seqs.real_rows(padded), x) and seqs.real_rows(padded).data_ptr() == padded.data_ptr()
+    whole = E.Packing.from_lengths(torch.tensor([4, 4]), 4, row_multiple=8)  # a full bucket: no pad rows
+    assert whole.index is None and (whole.tokens, whole.rows) == (8, 8) and whole.pad_rows(x[:8]) is not None
+    assert E.Packing.from_lengths(torch.tensor([4, 4]), 4).rows == 8  # no multiple: the tokens
+
+
+def test_the_encoder_pads_rows_on_cpu_in_bf16_only(monkeypatch):
+    enc = Encoder(_cfg())
+    seen = []
+    real = E.Packing.from_lengths.__func__
+    monkeypatch.setattr(E.Packing, "from_lengths",
+                        classmethod(lambda cls, *a, **kw: seen.append(real(cls, *a, **kw)) or seen[-1]))
+    ids, lengths = torch.randint(2, 50, (3, 9)), torch.tensor([9, 3, 7])
+    enc(ids, lengths=lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enc(ids, lengths=lengths)
+    assert [(s.tokens, s.rows) for s in seen] == [(19, 19), (19, kernels.dispatch.CPU_ROW_BUCKET)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", ["post-ln", "pre-ln", "moe", "moe-pre-ln", "moe-capacity"])
+def test_pad_rows_change_no_value_gradient_or_routing(gen, kind, layout, monkeypatch):
+    """The layers on the packed tokens plus pad rows (here in fp32, with a bucket of 16 forced: the same code as
+    CPU bf16's 64) against the same encoder without pad rows: every output, hidden state, first-token state and
+    gradient, and an MoE's routing (only real tokens routed: as many assignments as tokens x top-k)."""
+    cfg, enc = _models(kind, gen)
+    lengths = torch.tensor(LAYOUTS[layout])
+    ids = torch.randint(2, 50, (4, int(lengths.max())), generator=gen)
+    tokens = int(lengths.sum())
+    monkeypatch.setattr(kernels.dispatch, "row_bucket", lambda x: 16)
+
+    def run(pad: bool):
+        monkeypatch.setattr(E, "PAD_ROWS", pad)
+        states = enc(ids, lengths=lengths, output_hidden_states=True)
+        aux = sum(m.last_stats["balance_loss"] + m.last_stats["z_loss"] for m in enc.moe_layers())
+        routed = [m.last_stats["tokens_per_expert"].clone() for m in enc.moe_layers()]
+        first = enc(ids, lengths=lengths, first_token_only=True)
+        loss = sum((s ** 2).sum() for s in states) + (first ** 3).sum() + aux
+        return states, first, routed, _grads(enc, loss)
+
+    seen = []
+    real = E.Packing.from_lengths.__func__
+    monkeypatch.setattr(E.Packing, "from_lengths",
+                        classmethod(lambda cls, *a, **kw: seen.append(real(cls, *a, **kw)) or seen[-1]))
+    padded, plain = run(True), run(False)
+    assert seen[0].rows == -(-tokens // 16) * 16 and seen[-1].rows == tokens
+    for a, b in zip(padded[0] + [padded[1]], plain[0] + [plain[1]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(padded[2], plain[2]):
+        assert torch.equal(a, b) and int(a.sum()) == tokens * cfg.moe_top_k
+    _assert_same_grads(padded[3], plain[3])
