@@ -15,7 +15,8 @@ same precision (bf16 autocast where the device computes bf16 natively, `--precis
   model, so the weights and config are identical, with `--hf-attn` attention (default "sdpa"). Transformers has
   no BERT / XLM-R Mixture-of-Experts: MoE arms are XLT only, and the hf MoE rows say `skipped`.
 - `xlt-unpadded-rows`, `xlt-unbucketed`, `xlt-fp32-scores` (ablations, not in the default list; CPU in bf16
-  only, elsewhere they would equal `xlt` and their rows say `skipped`): `xlt` with the encoder's packed tokens
+  only, elsewhere they would equal `xlt` and their rows say `skipped`, as do `xlt-unpadded-rows` where no batch
+  gets pad rows and `xlt-unbucketed` for dense models): `xlt` with the encoder's packed tokens
   not padded to a multiple of `kernels.dispatch.CPU_ROW_BUCKET` rows (`models.encoder.PAD_ROWS`), with the MoE
   twin's expert groups not padded to it (`kernels.moe.PAD_EXPERT_GROUPS`), or with attention's (S, S) tensors in
   autocast's fp32 softmax instead of bf16 (`kernels.attention.CPU_AUTOCAST_SCORES`);
@@ -374,6 +375,7 @@ def _ratio(num: list[float], den: list[float]) -> dict:
 # ----- one group: a preset and a mix, every arm interleaved -------------------------------------------------
 def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision: str, env: dict) -> list[dict]:
     from engine.trainer import LoopConfig, make_optimizer
+    from kernels.dispatch import CPU_ROW_BUCKET
     from models import preset
     from models.config import PRESETS
 
@@ -417,6 +419,9 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
     timed = passes_0[args.warmup:args.warmup + args.repeats]  # the same real tokens for every arm
     real = [sum(int(b["lengths"].sum()) for b in bs) for bs in timed]  # real tokens of each timed pass
     padded = sum(b["input_ids"].numel() for bs in timed for b in bs)  # as arm 0 batches them
+    # whether the encoder pads any batch's packed tokens (CPU bf16; as arm 0 batches them: a mix whose every
+    # batch holds a multiple of the bucket, such as full-length batches, does so in any order)
+    has_pad_rows = any(int(b["lengths"].sum()) % CPU_ROW_BUCKET for bs in passes_0 for b in bs)
     batch_info = {"batch_size": mix.batch_size, "real_tokens_per_step": round(sum(real) / (args.steps * len(real)), 1),
                   "padded_tokens_per_step": round(padded / (args.steps * len(real)), 1),
                   "padding_share": round(1 - sum(real) / padded, 4), "repeat_batches": args.repeat_batches}
@@ -437,6 +442,11 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                     continue
                 if impl == "xlt-unbucketed" and arch == "dense":
                     rows.append(row | {"skipped": "a dense model has no expert groups to pad: xlt-unbucketed is xlt"})
+                    continue
+                if impl == "xlt-unpadded-rows" and not has_pad_rows:
+                    rows.append(row | {"skipped": f"every batch of the {mix.name} mix holds a multiple of "
+                                                  f"{CPU_ROW_BUCKET} real tokens, so no pad rows: xlt-unpadded-rows "
+                                                  "is xlt"})
                     continue
                 try:
                     if impl == "hf":

@@ -165,7 +165,7 @@ class Layer(nn.Module):
             first = seqs.first_rows
             if self.pre_norm:
                 x = x + self.dropout(self.attn(self.attn_norm(x), seqs))
-                return x[first] + self.dropout(self.ffn.forward_rows(seqs.real_rows(self.ffn_norm(x)), first))
+                return x[first] + self.dropout(self.ffn.forward_rows(self.ffn_norm(seqs.real_rows(x)), first))
             x = self.attn_norm(x + self.dropout(self.attn(x, seqs)))
             return self.ffn_norm(x[first] + self.dropout(self.ffn.forward_rows(seqs.real_rows(x), first)))
         # first_only: the B first rows, no pad rows; an MoE routes the real tokens only (pad rows would enter
@@ -215,8 +215,8 @@ class Packing(NamedTuple):
     indices into B*S (None: no padding, every position in order); `order`, the batch row of each packed
     sequence (None: batch order); the flash-attn-style cu_seqlens (B+1,) and max_seqlen; the host copy of the
     lengths in packed order; `groups`, the (first row, end row, cu_seqlens, longest) of each attention call on
-    the PyTorch path (empty: one call over all); `tokens`, the real tokens (the packed rows), and `rows`, the
-    rows the layers run on: `tokens` rounded up to the GEMM row bucket (`pad_rows`)."""
+    the PyTorch path (empty: one call over all); and `pad`, the zero rows that follow the packed tokens in the
+    layers (`pad_rows`: 0, or up to the GEMM row bucket on CPU in bf16)."""
     index: torch.Tensor | None
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -224,8 +224,7 @@ class Packing(NamedTuple):
     lengths: tuple[int, ...]
     order: torch.Tensor | None = None
     groups: tuple = ()
-    tokens: int = 0
-    rows: int = 0
+    pad: int = 0
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, seq_len: int, group_heads: int | None = None,
@@ -236,11 +235,10 @@ class Packing(NamedTuple):
         device = lengths.device
         lengths = lengths.to(torch.int32)
         host = [int(n) for n in lengths.tolist()]  # one host sync, as the packing index needs anyway
-        B, tokens = len(host), sum(host)
-        padded_rows = -(-tokens // row_multiple) * row_multiple
+        B, pad = len(host), -sum(host) % row_multiple
         if all(n == seq_len for n in host):
             cu = torch.arange(B + 1, dtype=torch.int32, device=device) * seq_len
-            return cls(None, cu, seq_len, B, tuple(host), tokens=tokens, rows=padded_rows)
+            return cls(None, cu, seq_len, B, tuple(host), pad=pad)
         order = None
         if group_heads:
             perm = sorted(range(B), key=lambda b: -host[b])  # stable: equal lengths keep their batch order
@@ -259,7 +257,17 @@ class Packing(NamedTuple):
                 for n in host:
                     offsets.append(offsets[-1] + n)
                 groups = tuple((offsets[a], offsets[b], cu[a:b + 1] - offsets[a], host[a]) for a, b in bounds)
-        return cls(index, cu, seq_len, B, tuple(host), order, groups, tokens, padded_rows)
+        return cls(index, cu, seq_len, B, tuple(host), order, groups, pad)
+
+    @property
+    def tokens(self) -> int:
+        """The real tokens: the packed rows."""
+        return sum(self.lengths)
+
+    @property
+    def rows(self) -> int:
+        """The rows the layers run on: the real tokens, then `pad` zero rows."""
+        return self.tokens + self.pad
 
     def pad_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (rows, ...): zero rows appended. On CPU in bf16 a GEMM of a row count not seen before
@@ -268,12 +276,11 @@ class Packing(NamedTuple):
         `xlt-unpadded-rows` ablation measures the step without). Every op but attention is row-wise, and
         attention, the MoE router and the outputs read the real rows only (`real_rows`): pad rows change no real
         row's value and, as nothing reads their outputs, add nothing to any gradient."""
-        pad = self.rows - x.shape[0]
-        return x if pad <= 0 else torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, pad))
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.pad)) if self.pad else x
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, ...) -> the real tokens' (tokens, ...) rows: a view."""
-        return x if self.rows == self.tokens else x[:self.tokens]
+        return x[:self.tokens] if self.pad else x
 
     @property
     def first_rows(self) -> torch.Tensor:

@@ -195,7 +195,7 @@ def test_the_switch_ablations_undo_their_kernel_choice_during_their_steps(tmp_pa
     monkeypatch.setattr(moe, "moe_expert_ffn_reference", ffn_spy)
     monkeypatch.setattr(attention, "attention_reference", attention_spy)
     out = tmp_path / "switches.jsonl"
-    assert tp.main(["--device", "cpu", "--tiny", "--precision", "bf16", "--mixes", "full",
+    assert tp.main(["--device", "cpu", "--tiny", "--precision", "bf16", "--mixes", "xnli",
                     "--impls", "xlt,xlt-unpadded-rows,xlt-unbucketed,xlt-fp32-scores", "--results", str(out)]) == 0
     rows = {(r["arch"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert "no expert groups" in rows[("dense", "xlt-unbucketed")]["skipped"]
@@ -221,6 +221,16 @@ def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
     for arm in ("xlt-unpadded-rows", "xlt-unbucketed", "xlt-fp32-scores"):
         assert "CPU bf16 path only" in rows[arm]["skipped"] and "fp32" in rows[arm]["skipped"]
     assert "skipped" not in rows["xlt"]
+
+
+def test_the_unpadded_rows_ablation_is_skipped_where_no_batch_has_pad_rows(tmp_path):
+    """Full-length tiny batches hold 4 x 32 = 128 tokens, a multiple of the 64-row bucket: the encoder pads
+    nothing, so the arm would be xlt itself."""
+    out = tmp_path / "full.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--precision", "bf16", "--mixes", "full", "--archs", "dense",
+                    "--impls", "xlt,xlt-unpadded-rows", "--results", str(out)]) == 0
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "no pad rows" in rows["xlt-unpadded-rows"]["skipped"] and "skipped" not in rows["xlt"]
 
 
 @pytest.mark.parametrize("repeat", [False, True])

@@ -174,8 +174,12 @@ def test_packing_pads_rows_to_the_multiple():
     assert padded.shape == (24, 5) and torch.equal(padded[:19], x) and not padded[19:].any()
     assert torch.equal(seqs.real_rows(padded), x) and seqs.real_rows(padded).data_ptr() == padded.data_ptr()
     whole = E.Packing.from_lengths(torch.tensor([4, 4]), 4, row_multiple=8)  # a full bucket: no pad rows
-    assert whole.index is None and (whole.tokens, whole.rows) == (8, 8) and whole.pad_rows(x[:8]) is not None
-    assert E.Packing.from_lengths(torch.tensor([4, 4]), 4).rows == 8  # no multiple: the tokens
+    eight = x[:8]
+    assert whole.index is None and (whole.tokens, whole.rows, whole.pad) == (8, 8, 0)
+    assert whole.pad_rows(eight) is eight and whole.real_rows(eight) is eight
+    view = E.Packing.from_lengths(torch.tensor([4, 4, 4]), 4, row_multiple=8)  # no padding, yet pad rows
+    assert view.index is None and (view.tokens, view.rows) == (12, 16)
+    assert E.Packing.from_lengths(torch.tensor([9, 3, 7]), 9).rows == 19  # no multiple: the tokens
 
 
 def test_the_encoder_pads_rows_on_cpu_in_bf16_only(monkeypatch):
