@@ -98,24 +98,36 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
 
 
 def _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, ct):
-    S, S_k = q.shape[2], k.shape[2]
+    B, H, S, D = q.shape
+    S_k = k.shape[2]
     v = v.to(ct)
-    # the scale on q and dropout's 1 / (1 - p) on v, not on the (S, S) scores and probabilities: the same
-    # function with two fewer passes over the largest tensors
-    scores = torch.matmul(q.to(ct) * scale, k.to(ct).transpose(-1, -2))
-    keep = None
+    # Key padding and causality as an additive bias of 0 / -inf (B or 1, 1, S or 1, S_k), fused with the scale
+    # into one baddbmm: one pass over the (S, S) scores instead of a scale, a matmul and a masked_fill (the
+    # effect on training steps: bench/README.md, "Attention on the CPU path"). Without a bias the scale goes on q.
+    bias, empty = None, None
     if lengths is not None:
-        key_pos = torch.arange(S_k, device=q.device)
-        keep = (key_pos[None, :] < lengths[:, None].to(q.device))[:, None, None, :]  # (B,1,1,S_k)
+        lengths = lengths.to(q.device)[:, None, None, None]
+        # a sequence with no key: its keys are not hidden (finite scores, no NaN in the backward) and its
+        # output is defined as 0 (the probabilities zeroed; on CPU only where such a sequence exists)
+        hidden = (torch.arange(S_k, device=q.device) >= lengths) & (lengths > 0)
+        bias = torch.zeros(B, 1, 1, S_k, dtype=ct, device=q.device).masked_fill_(hidden, float("-inf"))
+        if q.device.type != "cpu" or bool((lengths == 0).any()):
+            empty = lengths == 0
     if causal:
-        tri = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()[None, None]
-        keep = tri if keep is None else keep & tri
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if keep is not None:  # rows with no visible key are all -inf -> NaN; define them as 0
-        probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+        tri = torch.zeros(S, S, dtype=ct, device=q.device).masked_fill_(
+            torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))[None, None]
+        bias = tri if bias is None else bias + tri
+    q3, k3 = q.to(ct).reshape(B * H, S, D), k.to(ct).reshape(B * H, S_k, D)
+    if bias is None:
+        scores = torch.bmm(q3 * scale, k3.transpose(1, 2))
+    else:
+        bias = bias.expand(B, H, bias.shape[2], S_k).reshape(B * H, bias.shape[2], S_k)
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores.view(B, H, S, S_k), dim=-1)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
     if dropout_p > 0.0:
+        # dropout's 1 / (1 - p) on v, not on the (S, S) probabilities: the same function, one pass fewer
         if dropout_mask is None and seed is not None:
             g = torch.Generator(device=q.device).manual_seed(seed)
             dropout_mask = torch.rand(probs.shape, generator=g, device=q.device) >= dropout_p
@@ -163,29 +175,33 @@ def attention_torch(q, k, v, lengths=None, causal=False, softmax_scale=None, dro
     return out
 
 
-def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """(total, ...) packed rows -> (B, max_seqlen, ...) zero-padded; differentiable."""
-    batch, pos = _row_positions(cu_seqlens, x.shape[0], x.device)
+def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+    """(total, ...) packed rows -> (B, max_seqlen, ...) zero-padded; differentiable. `index`: padded_index's, when
+    the caller pads several tensors of one layout (computed once)."""
+    if index is None:
+        index = padded_index(cu_seqlens, x.shape[0], max_seqlen)
     B = cu_seqlens.numel() - 1
-    out = x.new_zeros((B * max_seqlen,) + tuple(x.shape[1:])).index_copy(0, batch * max_seqlen + pos, x)
+    out = x.new_zeros((B * max_seqlen,) + tuple(x.shape[1:])).index_copy(0, index, x)
     return out.view((B, max_seqlen) + tuple(x.shape[1:]))
 
 
-def unpad_padded(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(B, S, ...) padded -> (total, ...) packed rows; inverse of `pad_packed`."""
-    batch, pos = _row_positions(cu_seqlens, int(cu_seqlens[-1]), x.device)
+def unpad_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S, ...) padded -> (total, ...) packed rows; inverse of `pad_packed` (with the same `index`)."""
+    B, S = x.shape[:2]
+    if index is None:
+        index = padded_index(cu_seqlens, int(cu_seqlens[-1]), S)
     # index_select on the flattened rows: its backward is an index_add, not advanced indexing's accumulating
     # index_put
-    B, S = x.shape[:2]
-    return x.reshape((B * S,) + tuple(x.shape[2:])).index_select(0, batch * S + pos)
+    return x.reshape((B * S,) + tuple(x.shape[2:])).index_select(0, index)
 
 
-def _row_positions(cu_seqlens: torch.Tensor, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each packed row: its sequence index and its position inside that sequence."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    rows = torch.arange(total, device=device)
+def padded_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """For each of the `total` packed rows: its row in the (B * max_seqlen) padded layout."""
+    cu = cu_seqlens.long()
+    rows = torch.arange(total, device=cu.device)
     batch = torch.searchsorted(cu[1:], rows, right=True)
-    return batch, rows - cu[batch]
+    return rows + batch * max_seqlen - cu[batch]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune may pick on a GPU, per kernel and padded head dim (<= 64,
@@ -741,10 +757,15 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
                                                         softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     batch = lengths.numel()
-    if q.shape[0] == batch * max_seqlen:  # every sequence full length (MLM pretraining): a view, no copies
+    # every sequence full length (MLM pretraining): a view, no copies. Not for one sequence: there the views
+    # and their gradients stay non-contiguous (B = 1 merges into the heads without a copy), and the encoder's
+    # torch.cat of its groups' outputs (its split's backward: of their gradients) then takes a strided copy
+    # (measured by hand: 306 us against 55 us for six pieces of 1,425 rows x 128 in fp32)
+    if q.shape[0] == batch * max_seqlen and batch > 1:
         qp, kp, vp = (t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention_torch(qp, kp, vp, None, causal, softmax_scale, dropout_p, seed=seed)
         return out.transpose(1, 2).reshape(q.shape)
-    qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen).transpose(1, 2) for t in (q, k, v))
+    index = padded_index(cu_seqlens, q.shape[0], max_seqlen)  # once for q, k, v and the output
+    qp, kp, vp = (pad_packed(t, cu_seqlens, max_seqlen, index).transpose(1, 2) for t in (q, k, v))
     out = attention_torch(qp, kp, vp, lengths, causal, softmax_scale, dropout_p, seed=seed)
-    return unpad_padded(out.transpose(1, 2), cu_seqlens)
+    return unpad_padded(out.transpose(1, 2), cu_seqlens, index)

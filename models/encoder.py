@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels.attention import pad_packed
+from kernels.attention import pad_packed, padded_index
 
 from .config import EncoderConfig, upcycled_config
 from .dropout import Dropout
@@ -111,9 +111,11 @@ class SelfAttention(nn.Module):
             return self.o(self._first_query(x, seqs, p).reshape(-1, heads * d))
         q, k, v = (seqs.real_rows(proj(x)).view(-1, heads, d) for proj in (self.q, self.k, self.v))
         if seqs.groups:  # the PyTorch path: one call per group of similar lengths
-            out = torch.cat([kernels.attention_varlen(q[a:b], k[a:b], v[a:b], cu, n, dropout_p=p,
-                                                      backend=self.cfg.kernel_backend)
-                             for a, b, cu, n in seqs.groups])
+            # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor
+            sizes = [b - a for a, b, _, _ in seqs.groups]
+            out = torch.cat([kernels.attention_varlen(qg, kg, vg, cu, n, dropout_p=p, backend=self.cfg.kernel_backend)
+                             for qg, kg, vg, (_, _, cu, n) in zip(q.split(sizes), k.split(sizes), v.split(sizes),
+                                                                  seqs.groups)])
         else:
             out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
                                            backend=self.cfg.kernel_backend)
@@ -132,8 +134,9 @@ class SelfAttention(nn.Module):
             k, v = (seqs.real_rows(proj(x)).view(B, longest, heads, d).transpose(1, 2) for proj in (self.k, self.v))
             lengths = None
         else:
-            k, v = (pad_packed(seqs.real_rows(proj(x)).view(-1, heads, d), seqs.cu_seqlens, longest).transpose(1, 2)
-                    for proj in (self.k, self.v))
+            index = padded_index(seqs.cu_seqlens, seqs.tokens, longest)
+            k, v = (pad_packed(seqs.real_rows(proj(x)).view(-1, heads, d), seqs.cu_seqlens, longest, index)
+                    .transpose(1, 2) for proj in (self.k, self.v))
             lengths = seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1]
         return kernels.attention_reference(q, k, v, lengths, dropout_p=p)
 

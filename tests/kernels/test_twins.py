@@ -69,6 +69,35 @@ def test_attention_zero_length_gives_zeros_not_nan():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_twin_zero_length_gives_zero_gradients_not_nan(gen):
+    """The twin hides padding keys with a -inf bias; a sequence with no key must not get an all -inf row (its
+    softmax would be NaN, and NaN times the zero gradient of its zeroed output is still NaN)."""
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=gen, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([5, 0, 2])
+    out = kernels.attention_reference(q, k, v, lengths, dropout_p=0.25, seed=3)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=gen))
+    for g in grads:
+        assert torch.isfinite(g).all()
+        assert torch.equal(g[1], torch.zeros_like(g[1]))  # nothing of the empty sequence is read
+    assert torch.equal(grads[1][2, :, 2:], torch.zeros_like(grads[1][2, :, 2:]))  # nor keys past a length
+
+
+def test_varlen_one_full_length_sequence_gives_contiguous_outputs_and_gradients(gen):
+    """A call holding one sequence at its full length (the encoder's group of the longest sequence) must not
+    return strided views: the encoder concatenates the calls' outputs, and its split backward their gradients,
+    and torch.cat of a strided piece is several times slower."""
+    q, k, v = (torch.randn(7, 2, 4, generator=gen, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 7])
+    ref = kernels.attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), backend="torch")[0].transpose(0, 1)
+    torch.testing.assert_close(kernels.attention_varlen(q, k, v, cu, 7, backend="torch"), ref)
+    for p in (0.0, 0.1):  # with dropout the CPU path is the twin's matmuls (without, SDPA's own layout)
+        out = kernels.attention_varlen(q, k, v, cu, 7, dropout_p=p, backend="torch")
+        assert out.is_contiguous()
+        for g in torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=gen)):
+            assert g.is_contiguous()
+
+
 def test_varlen_equals_padded(gen):
     g = gen
     lens = [5, 1, 8]

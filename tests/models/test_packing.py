@@ -80,6 +80,32 @@ def test_grouped_attention_equals_one_call(seed, gen, monkeypatch):
     assert torch.all(grouped[torch.arange(120)[None, :] >= lengths[:, None]] == 0)
 
 
+def test_grouped_attention_backward_writes_no_whole_size_gradient_per_group(gen):
+    """Each group's q / k / v are pieces of the layer's packed q / k / v: as slices, each piece's backward would
+    write its gradient into a zeroed copy of the whole tensor (slice_backward), groups x tokens work per layer;
+    as a split, one concatenation gathers them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    enc = Encoder(_cfg(kernel_backend="torch")).train()
+    lengths = torch.tensor([3, 120, 2, 5, 3, 118, 1])
+    ids = torch.randint(2, 50, (len(lengths), 120), generator=gen)
+    out = enc(ids, lengths=lengths)
+    seqs = E.Packing.from_lengths(lengths, 120, enc.cfg.num_heads)
+    assert len(seqs.groups) > 1  # the case under test
+    with Ops() as ops:
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    assert ops.seen.count("slice_backward") == 0, "a group's q, k or v is a slice of the layer's"
+
+
 def test_a_batch_without_padding_is_packed_as_a_view():
     seqs = E.Packing.from_lengths(torch.tensor([4, 4, 4]), 4, group_heads=2)
     assert seqs.index is None and seqs.order is None and seqs.cu_seqlens.tolist() == [0, 4, 8, 12]
