@@ -132,6 +132,11 @@ ABLATIONS = {  # ablation impl -> (the ratio field on the xlt row, the table's t
                        "unpadded (`xlt-unbucketed`)"),
     "xlt-fp32-scores": ("speedup_vs_xlt_fp32_scores", "attention's (S, S) tensors in bf16 under autocast (`xlt`) "
                         "against autocast's fp32 softmax (`xlt-fp32-scores`)"),
+    "xlt-unfused-bias": ("speedup_vs_xlt_unfused_bias", "attention's key-padding bias and scale fused into the score "
+                         "matmul (`xlt`) against a matmul, a scale and the bias in passes of their own "
+                         "(`xlt-unfused-bias`)"),
+    "xlt-sliced-groups": ("speedup_vs_xlt_sliced_groups", "the length groups' q / k / v as pieces of one split "
+                          "(`xlt`) against slices (`xlt-sliced-groups`)"),
 }
 
 

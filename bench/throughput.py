@@ -20,6 +20,11 @@ same precision (bf16 autocast where the device computes bf16 natively, `--precis
   not padded to a multiple of `kernels.dispatch.CPU_ROW_BUCKET` rows (`models.encoder.PAD_ROWS`), with the MoE
   twin's expert groups not padded to it (`kernels.moe.PAD_EXPERT_GROUPS`), or with attention's (S, S) tensors in
   autocast's fp32 softmax instead of bf16 (`kernels.attention.CPU_AUTOCAST_SCORES`);
+- `xlt-unfused-bias`, `xlt-sliced-groups` (ablations of the CPU attention path on padded batches, any precision;
+  skipped on CUDA and on the `full` mix, where they would equal `xlt`): `xlt` with the twin's key-padding bias
+  added after a plain matmul and the scale instead of fused into one baddbmm (`kernels.attention.FUSED_BIAS`),
+  or with the encoder's length groups taking q / k / v as slices instead of pieces of one split
+  (`models.encoder.SPLIT_GROUPS`);
 - `xlt-all-rows` (an ablation, not in the default list): `xlt` with `TaskModel.first_token_only` off, so the
   last layer computes every token's row although the classification head reads only the first token's;
 - the MoE architecture is `<preset>-moe8` (8 experts, top-2, experts half as wide: matched on active
@@ -81,10 +86,14 @@ from .timing import CUDA_MEMORY_METHOD, cuda_peak_extra_bytes, timed_calls
 
 IMPLS = ("xlt", "xlt-torch", "hf")
 # xlt-all-rows: xlt with TaskModel.first_token_only off (every row of the last layer computed). The others are
-# xlt with one CPU-bf16 choice undone during their steps (module, switch, value; see _switched).
+# xlt with one choice of the CPU path undone during their steps (module, switch, value; see _switched): of its
+# bf16 path (BF16_SWITCHES), or of its attention on padded batches, in any precision.
 SWITCHES = {"xlt-unpadded-rows": ("models.encoder", "PAD_ROWS", False),  # packed tokens not padded to the bucket
             "xlt-unbucketed": ("kernels.moe", "PAD_EXPERT_GROUPS", False),  # MoE expert groups not padded
-            "xlt-fp32-scores": ("kernels.attention", "CPU_AUTOCAST_SCORES", False)}  # autocast's fp32 softmax
+            "xlt-fp32-scores": ("kernels.attention", "CPU_AUTOCAST_SCORES", False),  # autocast's fp32 softmax
+            "xlt-unfused-bias": ("kernels.attention", "FUSED_BIAS", False),  # matmul, then scale and mask
+            "xlt-sliced-groups": ("models.encoder", "SPLIT_GROUPS", False)}  # length groups' q/k/v as slices
+BF16_SWITCHES = ("xlt-unpadded-rows", "xlt-unbucketed", "xlt-fp32-scores")
 ABLATIONS = ("xlt-all-rows",) + tuple(SWITCHES)
 ARCHS = ("dense", "moe")
 BACKEND = {"xlt": "auto", "xlt-torch": "torch", "xlt-all-rows": "auto"} | {a: "auto" for a in SWITCHES}
@@ -436,9 +445,15 @@ def run_group(preset_name: str, mix: Mix, args, device: torch.device, precision:
                     rows.append(row | {"skipped": "transformers has no BERT / XLM-R Mixture-of-Experts class; MoE "
                                                   "is compared XLT vs XLT-torch and against its dense twin"})
                     continue
-                if impl in SWITCHES and (device.type != "cpu" or precision != "bf16"):
+                if impl in BF16_SWITCHES and (device.type != "cpu" or precision != "bf16"):
                     rows.append(row | {"skipped": f"{impl} undoes a choice of the CPU bf16 path only: on {device.type} "
                                                   f"in {precision} it would be xlt"})
+                    continue
+                if impl in SWITCHES and impl not in BF16_SWITCHES and (device.type != "cpu" or padded == sum(real)):
+                    where = (f"the {mix.name} mix has no padding (no key bias, no length groups)"
+                             if device.type == "cpu" else f"on {device.type} attention runs in the Triton kernels")
+                    rows.append(row | {"skipped": f"{impl} undoes a choice of the CPU attention path on padded "
+                                                  f"batches: {where}, so it would be xlt"})
                     continue
                 if impl == "xlt-unbucketed" and arch == "dense":
                     rows.append(row | {"skipped": "a dense model has no expert groups to pad: xlt-unbucketed is xlt"})

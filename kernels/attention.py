@@ -97,13 +97,18 @@ def attention_reference(q, k, v, lengths=None, causal=False, softmax_scale=None,
         return _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, compute_dtype)
 
 
+# Whether the twin fuses the scale and the key-padding / causal bias into the score matmul (one baddbmm); False
+# is bench.throughput's `xlt-unfused-bias` ablation arm, which measures what the fusion saves a training step.
+FUSED_BIAS = True
+
+
 def _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, ct):
     B, H, S, D = q.shape
     S_k = k.shape[2]
     v = v.to(ct)
     # Key padding and causality as an additive bias of 0 / -inf (B or 1, 1, S or 1, S_k), fused with the scale
-    # into one baddbmm: one pass over the (S, S) scores instead of a scale, a matmul and a masked_fill (the
-    # effect on training steps: bench/README.md, "Attention on the CPU path"). Without a bias the scale goes on q.
+    # into one baddbmm: one pass over the (S, S) scores instead of a matmul, a scale and a masked_fill (the
+    # effect on training steps: bench.throughput's `xlt-unfused-bias` rows). Without a bias the scale goes on q.
     bias, empty = None, None
     if lengths is not None:
         lengths = lengths.to(q.device)[:, None, None, None]
@@ -122,7 +127,10 @@ def _attention(q, k, v, lengths, causal, scale, dropout_p, dropout_mask, seed, c
         scores = torch.bmm(q3 * scale, k3.transpose(1, 2))
     else:
         bias = bias.expand(B, H, bias.shape[2], S_k).reshape(B * H, bias.shape[2], S_k)
-        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+        if FUSED_BIAS:
+            scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+        else:  # the ablation: a matmul, then the scale and the bias in passes of their own (as before 7caac96)
+            scores = torch.bmm(q3, k3.transpose(1, 2)) * scale + bias
     probs = torch.softmax(scores.view(B, H, S, S_k), dim=-1)
     if empty is not None:
         probs = probs.masked_fill(empty, 0.0)

@@ -53,6 +53,10 @@ GROUP_CALL_COST = 16384
 # bench.throughput's `xlt-unpadded-rows` ablation.
 PAD_ROWS = True
 
+# Whether the attention of the length groups takes its q / k / v as pieces of one split (True) or as slices;
+# False is bench.throughput's `xlt-sliced-groups` ablation arm.
+SPLIT_GROUPS = True
+
 
 def lengths_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) 0/1 mask of right-padded sequences -> (B,) lengths; other layouts are rejected."""
@@ -112,10 +116,12 @@ class SelfAttention(nn.Module):
         q, k, v = (seqs.real_rows(proj(x)).view(-1, heads, d) for proj in (self.q, self.k, self.v))
         if seqs.groups:  # the PyTorch path: one call per group of similar lengths
             # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor
-            sizes = [b - a for a, b, _, _ in seqs.groups]
+            if SPLIT_GROUPS:
+                pieces = zip(*(t.split(seqs.group_sizes) for t in (q, k, v)))
+            else:  # bench.throughput's `xlt-sliced-groups` ablation arm
+                pieces = ((q[a:b], k[a:b], v[a:b]) for a, b, _, _ in seqs.groups)
             out = torch.cat([kernels.attention_varlen(qg, kg, vg, cu, n, dropout_p=p, backend=self.cfg.kernel_backend)
-                             for qg, kg, vg, (_, _, cu, n) in zip(q.split(sizes), k.split(sizes), v.split(sizes),
-                                                                  seqs.groups)])
+                             for (qg, kg, vg), (_, _, cu, n) in zip(pieces, seqs.groups)])
         else:
             out = kernels.attention_varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, dropout_p=p,
                                            backend=self.cfg.kernel_backend)
@@ -266,6 +272,11 @@ class Packing(NamedTuple):
     def tokens(self) -> int:
         """The real tokens: the packed rows."""
         return sum(self.lengths)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """The packed rows of each attention group (`groups`), for a split of the packed tokens."""
+        return [b - a for a, b, _, _ in self.groups]
 
     @property
     def rows(self) -> int:

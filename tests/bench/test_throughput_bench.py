@@ -223,6 +223,45 @@ def test_the_switch_ablations_are_skipped_where_they_would_equal_xlt(tmp_path):
     assert "skipped" not in rows["xlt"]
 
 
+def test_the_attention_ablations_undo_their_choice_in_fp32_and_skip_full_length_batches(tmp_path, monkeypatch):
+    import sys
+
+    import kernels
+    from models import encoder
+
+    attention = sys.modules["kernels.attention"]  # the module (kernels.attention is also the function's name)
+    seen = []
+    real_core, real_varlen = attention._attention, kernels.attention_varlen
+
+    def core_spy(*args):  # whether the twin fuses the bias in this call
+        seen.append(("fused", attention.FUSED_BIAS))
+        return real_core(*args)
+
+    def varlen_spy(*args, **kw):  # whether the encoder hands its groups split pieces in this call
+        seen.append(("split", encoder.SPLIT_GROUPS))
+        return real_varlen(*args, **kw)
+
+    monkeypatch.setattr(attention, "_attention", core_spy)
+    monkeypatch.setattr(kernels, "attention_varlen", varlen_spy)
+    out = tmp_path / "attention.jsonl"
+    assert tp.main(["--device", "cpu", "--tiny", "--precision", "fp32", "--mixes", "xnli,full",
+                    "--impls", "xlt,xlt-unfused-bias,xlt-sliced-groups", "--results", str(out)]) == 0
+    rows = {(r["arch"], r["mix"], r["impl"]): r for r in map(json.loads, out.read_text().splitlines())}
+    for arch in ("dense", "moe"):
+        xnli = rows[(arch, "xnli", "xlt")]
+        assert xnli["speedup_vs_xlt_unfused_bias"]["median"] > 0
+        assert xnli["speedup_vs_xlt_sliced_groups"]["median"] > 0
+        for arm in ("xlt-unfused-bias", "xlt-sliced-groups"):
+            assert "skipped" not in rows[(arch, "xnli", arm)]
+            assert "no padding" in rows[(arch, "full", arm)]["skipped"]
+    assert {f for kind, f in seen if kind == "fused"} == {True, False}  # both ways ran
+    assert {f for kind, f in seen if kind == "split"} == {True, False}
+    assert attention.FUSED_BIAS is True and encoder.SPLIT_GROUPS is True  # restored after the arms
+    assert bench_report.main(["--results", str(out), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "xlt-unfused-bias" in report and "xlt-sliced-groups" in report
+
+
 def test_the_unpadded_rows_ablation_is_skipped_where_no_batch_has_pad_rows(tmp_path):
     """Full-length tiny batches hold 4 x 32 = 128 tokens, a multiple of the 64-row bucket: the encoder pads
     nothing, so the arm would be xlt itself."""

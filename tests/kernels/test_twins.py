@@ -83,6 +83,25 @@ def test_twin_zero_length_gives_zero_gradients_not_nan(gen):
     assert torch.equal(grads[1][2, :, 2:], torch.zeros_like(grads[1][2, :, 2:]))  # nor keys past a length
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_unfused_bias_ablation_computes_the_same_attention(gen, monkeypatch, causal):
+    """bench.throughput's xlt-unfused-bias arm (kernels.attention.FUSED_BIAS off) must time the same function:
+    outputs and gradients as the fused baddbmm's, empty and padded sequences included."""
+    import sys
+
+    attention = sys.modules["kernels.attention"]  # the module (kernels.attention is also the function's name)
+    q, k, v = (torch.randn(4, 2, 6, 8, generator=gen, requires_grad=True) for _ in range(3))
+    lengths, dout = torch.tensor([6, 0, 3, 1]), torch.randn(4, 2, 6, 8, generator=gen)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attention, "FUSED_BIAS", fused)
+        out = kernels.attention_reference(q, k, v, lengths, causal=causal, softmax_scale=0.3)
+        results[fused] = (out,) + torch.autograd.grad(out, (q, k, v), dout)
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b)
+        assert torch.isfinite(b).all()
+
+
 def test_varlen_one_full_length_sequence_gives_contiguous_outputs_and_gradients(gen):
     """A call holding one sequence at its full length (the encoder's group of the longest sequence) must not
     return strided views: the encoder concatenates the calls' outputs, and its split backward their gradients,

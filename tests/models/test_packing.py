@@ -80,7 +80,7 @@ def test_grouped_attention_equals_one_call(seed, gen, monkeypatch):
     assert torch.all(grouped[torch.arange(120)[None, :] >= lengths[:, None]] == 0)
 
 
-def test_grouped_attention_backward_writes_no_whole_size_gradient_per_group(gen):
+def test_grouped_attention_backward_writes_no_whole_size_gradient_per_group(gen, monkeypatch):
     """Each group's q / k / v are pieces of the layer's packed q / k / v: as slices, each piece's backward would
     write its gradient into a zeroed copy of the whole tensor (slice_backward), groups x tokens work per layer;
     as a split, one concatenation gathers them."""
@@ -98,12 +98,22 @@ def test_grouped_attention_backward_writes_no_whole_size_gradient_per_group(gen)
     enc = Encoder(_cfg(kernel_backend="torch")).train()
     lengths = torch.tensor([3, 120, 2, 5, 3, 118, 1])
     ids = torch.randint(2, 50, (len(lengths), 120), generator=gen)
-    out = enc(ids, lengths=lengths)
     seqs = E.Packing.from_lengths(lengths, 120, enc.cfg.num_heads)
     assert len(seqs.groups) > 1  # the case under test
-    with Ops() as ops:
-        (out * torch.randn(out.shape, generator=gen)).sum().backward()
-    assert ops.seen.count("slice_backward") == 0, "a group's q, k or v is a slice of the layer's"
+    weight = torch.randn(len(lengths), 120, enc.cfg.hidden_size, generator=gen)
+    counts, grads = {}, {}
+    for split in (True, False):  # False: bench.throughput's xlt-sliced-groups ablation, the same function
+        monkeypatch.setattr(E, "SPLIT_GROUPS", split)
+        enc.zero_grad()
+        out = enc(ids, lengths=lengths)
+        with Ops() as ops:
+            (out * weight).sum().backward()
+        counts[split] = ops.seen.count("slice_backward")
+        grads[split] = [p.grad.clone() for p in enc.parameters() if p.grad is not None]
+    assert counts[True] == 0, "a group's q, k or v is a slice of the layer's"
+    assert counts[False] >= 3 * len(seqs.groups)  # the ablation does what it says: q, k, v slices per group
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_batch_without_padding_is_packed_as_a_view():
