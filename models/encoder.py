@@ -45,9 +45,10 @@ __all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Packing", "Pool
            "lengths_from_mask", "make_ffn"]
 
 # The fixed cost of one call of the PyTorch attention path in units of attention-score elements (sequences x
-# longest length^2 x heads), fitted by hand to CPU timings of kernels.attention_varlen forward + backward; no
-# bench row isolates it (the grouping's effect on training steps is part of bench.throughput's rows).
-GROUP_CALL_COST = 16384
+# longest length^2 x heads), chosen with bench.group_cost: of the call costs 4k-262k its policy rows compared on
+# XNLI-like and QA-like batches (fp32, xlt-tiny and xlt-small, seeds 0 and 1), 49152 was the best or within 0.03 of
+# it in each, and 2-8% faster than the former 16384; relative least squares of single calls put it at 45k-87k.
+GROUP_CALL_COST = 49152
 
 # Whether the layers run on the packed tokens padded to the GEMM row bucket (Packing.pad_rows); False is
 # bench.throughput's `xlt-unpadded-rows` ablation.
@@ -188,10 +189,11 @@ class Layer(nn.Module):
         return self.ffn_norm(x + self.dropout(ffn(x)))
 
 
-def length_groups(lengths: list[int], heads: int, call_cost: int = GROUP_CALL_COST) -> list[tuple[int, int]]:
+def length_groups(lengths: list[int], heads: int, call_cost: int | None = None) -> list[tuple[int, int]]:
     """Contiguous groups [start, end) of sequences sorted by decreasing length that minimise the cost of the
-    PyTorch attention path: per group, call_cost + size * longest^2 * heads. Dynamic programming over the runs
-    of equal lengths (at most one run per distinct length)."""
+    PyTorch attention path: per group, call_cost (default GROUP_CALL_COST) + size * longest^2 * heads. Dynamic
+    programming over the runs of equal lengths (at most one run per distinct length)."""
+    call_cost = GROUP_CALL_COST if call_cost is None else call_cost
     runs: list[list[int]] = []  # [length, count], lengths decreasing
     for n in lengths:
         if runs and runs[-1][0] == n:
