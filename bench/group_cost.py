@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     for name, cfg in configs.items():
         rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
         base = env | {"preset": name, "precision": precision, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
-                      "repeats": args.repeats, "current_call_cost": GROUP_CALL_COST}
+                      "repeats": args.repeats, "seed": args.seed, "current_call_cost": GROUP_CALL_COST}
         with torch.autocast("cpu", enabled=False):
             fitted = fit(cfg, dtype, args.repeats, rng, gen)
         append_row(args.results, base | {"kind": "fit"} | fitted, SHOW)

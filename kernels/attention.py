@@ -768,7 +768,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     # every sequence full length (MLM pretraining): a view, no copies. Not for one sequence: there the views
     # and their gradients stay non-contiguous (B = 1 merges into the heads without a copy), and the encoder's
     # torch.cat of its groups' outputs (its split's backward: of their gradients) then takes a strided copy
-    # (measured by hand: 306 us against 55 us for six pieces of 1,425 rows x 128 in fp32)
+    # (tests/kernels/test_twins.py::test_varlen_one_full_length_sequence_gives_contiguous_outputs_and_gradients)
     if q.shape[0] == batch * max_seqlen and batch > 1:
         qp, kp, vp = (t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention_torch(qp, kp, vp, None, causal, softmax_scale, dropout_p, seed=seed)
