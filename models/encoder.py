@@ -48,7 +48,7 @@ __all__ = ["Encoder", "FeedForward", "Layer", "MoEFeedForward", "Packing", "Pool
 # longest length^2 x heads), chosen with bench.group_cost: of the call costs 4k-262k its policy rows compared on
 # XNLI-like and QA-like batches (fp32, xlt-tiny and xlt-small, seeds 0 and 1), 49152 was the best or within 0.03 of
 # it in each, and 2-8% faster than the former 16384 (on held-out seed 2: 2-6%); relative least squares of single
-# calls put it at 43k-87k. A per-padded-row term in the cost (tried by hand, seed 3) changed the time by 4% at most.
+# calls put it at 43k-87k (bench/README.md, "The length groups' call cost").
 GROUP_CALL_COST = 49152
 
 # Whether the layers run on the packed tokens padded to the GEMM row bucket (Packing.pad_rows); False is
