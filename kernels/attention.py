@@ -30,6 +30,9 @@ the kernels. The twin with a seed draws its own, different, mask from a torch.Ge
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -256,6 +259,7 @@ def tile_configs(kind: str, block_d: int, lowp: bool, dropout: bool) -> list[tup
 try:
     import triton
     import triton.language as tl
+    from triton.runtime import driver
 except ImportError:  # CPU-only installs without triton run the twins
     triton = None
 
@@ -559,6 +563,63 @@ if triton is not None:
 
 
 # ----- host functions and autograd ---------------------------------------------------------------------------
+class Launch(NamedTuple):
+    """One launch of an autotuned kernel: `kernel[grid](*args, **kwargs)`."""
+    kernel: object
+    grid: object
+    args: tuple
+    kwargs: dict
+
+
+# Whether `_launch` compiles a new autotune key's configs at once (off: autotune compiles them one by one, as
+# it times them; bench/compile_at_once.py measures both).
+COMPILE_AT_ONCE = True
+# (kernel, autotune key, device) whose configs `_launch` compiled at once; each autotuner keeps its own choices.
+_COMPILED_AT_ONCE: set = set()
+
+
+def _tune_key(launch: Launch) -> tuple:
+    """What the autotuner keys its choice on (its `key` arguments and every tensor argument's dtype), and the
+    device: Triton compiles per device."""
+    kernel = launch.kernel
+    named = dict(zip(kernel.arg_names, launch.args)) | launch.kwargs
+    return (kernel.base_fn.__name__, *(named[k] for k in kernel.keys if k in named),
+            *(str(a.dtype) for a in launch.args if hasattr(a, "dtype")), driver.active.get_current_device())
+
+
+def _compile_at_once(launches: list[Launch]) -> None:
+    """Compile every config the autotuners of `launches` may benchmark, all at once in threads, into Triton's
+    kernel caches: left to itself an autotuner compiles its configs one by one as it times them (medians of 2 to
+    5 s a bf16 attention config on a CPU core, `compile_s` in bench/results/kernel_resources.jsonl; 14 configs
+    a key at head dim 64). Triton compiles with the GIL released, so the threads run in parallel
+    (tests/kernels/test_compile_at_once.py; bench/compile_at_once.py times both ways). Best effort: on a
+    failure here, autotune compiles as before."""
+    async_mode = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
+    if async_mode is None:
+        return
+    workers = max(1, len(os.sched_getaffinity(0)))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="xlt-compile") as pool, \
+                async_mode(pool, ignore_errors=True):  # a config that fails to build is autotune's to skip
+            for launch in launches:
+                launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    except Exception as e:  # e.g. another AsyncCompileMode is active, or a Triton whose warm-up differs
+        warnings.warn(f"kernels.attention: configs not compiled at once ({type(e).__name__}: {e}); autotune "
+                      "compiles them one by one", stacklevel=3)
+
+
+def _launch(*launches: Launch) -> None:
+    """Launch each of `launches` in order; on a GPU, an autotune key not met before first has its configs, of
+    all `launches` together, compiled at once (`_compile_at_once`)."""
+    if COMPILE_AT_ONCE and not dispatch.interpreting():
+        new = {key: launch for launch in launches if (key := _tune_key(launch)) not in _COMPILED_AT_ONCE}
+        if new:
+            _compile_at_once(list(new.values()))
+            _COMPILED_AT_ONCE.update(new)
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+
+
 class Seqs(NamedTuple):
     """Where each sequence lives: rows start..start+q_len of query (q_len >= k_len: padded query rows),
     keys start..start+k_len; int32 tensors of shape (B,) on the inputs' device."""
@@ -614,10 +675,10 @@ def attention_forward(q, k, v, seqs: Seqs, causal: bool, softmax_scale: float, d
         return out, lse.fill_(float("inf"))
     bucket = triton.next_power_of_2(max(seqs.max_q, 1))
     grid = lambda meta: (triton.cdiv(seqs.max_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd[grid](q, k, v, out, lse, seqs.start, seqs.q_len, seqs.k_len,
-               *_strides(q, seqs.packed), *_strides(k, seqs.packed), *_strides(v, seqs.packed),
-               *_strides(out, seqs.packed), slb, slh, H, softmax_scale * LOG2E, seed, dropout_p, bucket,
-               **_flags(q, causal, dropout_p))
+    _launch(Launch(_fwd, grid, (q, k, v, out, lse, seqs.start, seqs.q_len, seqs.k_len,
+                                *_strides(q, seqs.packed), *_strides(k, seqs.packed), *_strides(v, seqs.packed),
+                                *_strides(out, seqs.packed), slb, slh, H, softmax_scale * LOG2E, seed, dropout_p,
+                                bucket), _flags(q, causal, dropout_p)))
     return out, lse
 
 
@@ -642,11 +703,11 @@ def attention_backward(do, q, k, v, out, lse, seqs: Seqs, causal: bool, softmax_
               *_strides(do, seqs.packed), slb, slh)
     scalars = (H, softmax_scale * LOG2E, softmax_scale, seed, dropout_p, bucket)
     kv_grid = lambda meta: (triton.cdiv(seqs.max_k, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _bwd_dkdv[kv_grid](q, k, v, do, dk, dv, lse, delta, seqs.start, seqs.q_len, seqs.k_len, *inputs,
-                       *_strides(dk, seqs.packed), *scalars, **flags)
     q_grid = lambda meta: (triton.cdiv(seqs.max_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _bwd_dq[q_grid](q, k, v, do, dq, lse, delta, seqs.start, seqs.q_len, seqs.k_len, *inputs,
-                    *_strides(dq, seqs.packed), *scalars, **flags)
+    _launch(Launch(_bwd_dkdv, kv_grid, (q, k, v, do, dk, dv, lse, delta, seqs.start, seqs.q_len, seqs.k_len,
+                                        *inputs, *_strides(dk, seqs.packed), *scalars), flags),
+            Launch(_bwd_dq, q_grid, (q, k, v, do, dq, lse, delta, seqs.start, seqs.q_len, seqs.k_len, *inputs,
+                                     *_strides(dq, seqs.packed), *scalars), flags))
     return dq, dk, dv
 
 

@@ -127,6 +127,16 @@ def test_the_xlt_and_hf_arms_train_the_same_function_on_the_same_batches():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_arms_are_initialised_on_the_device_they_train_on():
+    """On a GPU every arm's model is built there (CPU initialisation is serial: seconds per model at XLM-R
+    sizes); the meta device stands in for it here."""
+    mix = tp.mixes("cpu", tiny=True)["xnli"]
+    for name in ("tiny", "tiny-moe8"):
+        model = tp.build_xlt(preset(name), mix, "xlt", seed=0, device="meta")
+        tensors = [*model.parameters(), *model.buffers()]
+        assert tensors and all(t.device.type == "meta" for t in tensors), name
+
+
 def test_mixes_have_the_lengths_they_describe():
     rng = random.Random(0)
     mixes = tp.mixes("cpu", tiny=False)
