@@ -229,8 +229,9 @@ def _hf_forward(model, batch):
 
 
 def build_xlt(cfg, mix: Mix, impl: str, seed: int, device: torch.device | str = "cpu"):
-    """The XLT model of one arm, initialised on `device`: CPU initialisation is serial (one random stream), 15 s
-    for xlmr-large-moe8 here, and a GPU run builds a model for every arm of every group."""
+    """The XLT model of one arm, initialised on `device`: on the CPU initialisation draws from one random
+    stream, serially, seconds per model at XLM-R sizes, and a GPU run builds a model for every arm of every
+    group."""
     from models import Encoder, TaskModel, make_head
 
     cfg = replace(cfg, kernel_backend=BACKEND[impl])

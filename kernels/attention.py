@@ -597,7 +597,7 @@ def _compile_at_once(launches: list[Launch]) -> None:
     async_mode = getattr(triton, "AsyncCompileMode", None)  # triton >= 3.4
     if async_mode is None:
         return
-    workers = max(1, len(os.sched_getaffinity(0)))
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="xlt-compile") as pool, \
                 async_mode(pool, ignore_errors=True):  # a config that fails to build is autotune's to skip
