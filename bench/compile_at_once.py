@@ -137,6 +137,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats: at least 1 pair, got {args.repeats}")
+    if not 1 <= args.head_dim <= 256:
+        ap.error(f"--head-dim: the kernels take 1 to 256, got {args.head_dim}")
+    if not 0.0 <= args.dropout < 1.0:
+        ap.error(f"--dropout: a probability in [0, 1), got {args.dropout}")
     if args.child:
         print("RESULT " + json.dumps(child(**json.loads(args.child))), flush=True)
         return 0
