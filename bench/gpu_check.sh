@@ -10,14 +10,17 @@
 #   XLT_COMMIT=<commit> bash bench/gpu_check.sh     (the commit written out: a copied tree has no .git)
 #
 # It installs nothing from a registry: packages come from the machine, or from wheels carried in .whl/
-# (installed with --no-index into /tmp/site). Each stage has its own time limit (STAGE_S below), so one that
-# hangs cannot eat the others' time (the limits add up to 7.7 minutes); a stage that fails or times out is marked in the summary and the rest
-# still run. Exit status: 0 when every stage passed, 1 otherwise.
+# (installed with --no-index into /tmp/site). Each stage has its own time limit (the number after its name), so
+# one that hangs cannot eat the others' time (the limits add up to 7.7 minutes); a stage that fails or times out
+# is marked in the summary and the rest still run. At its limit a stage gets SIGINT, not SIGTERM: Python raises
+# KeyboardInterrupt, so pytest still prints the failures it met and the test it was in, and a bench the line it
+# was at (SIGTERM would end either silently); SIGKILL follows 10 s later. Exit status: 0 when every stage
+# passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # real kernels: the interpreter is for machines without a GPU
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1  # a crash in native code prints every thread's stack
 OUT="${OUT:-bench/results/gpu-$(date -u +%Y%m%dT%H%M)}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -35,8 +38,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, recor
     shift 2
     t0=$(date +%s)
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
+    [ -n "$(tail -c 1 "$LOG")" ] && echo >>"$LOG"  # a stopped command may leave its last line unterminated
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >>"$STATUS"
     echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }

@@ -1,5 +1,6 @@
-"""One screen from a bench/gpu_check.sh folder: each stage's status and wall time, the GPU and versions,
-the kernel tests' outcome, and the key figures of every bench row.
+"""One screen from a bench/gpu_check.sh folder: each stage's status and wall time (and, for a stage that failed or
+timed out, what its log says went wrong), the GPU and versions, the kernel tests' outcome, and the key figures of
+every bench row.
 
     python -m bench.gpu_summary FOLDER
 """
@@ -16,7 +17,7 @@ KEY_FIELDS = {
     "cross_entropy": ("impl", "n", "h", "v", "dtype", "time_ms", "peak_extra_mib"),
     "moe": ("variant", "dtype", "ms_fwd_bwd", "tokens_per_s", "peak_extra_mib", "routing_share"),
     "throughput": ("preset", "arch", "impl", "mix", "tokens_per_s", "step_ms", "mfu", "peak_mem_mib",
-                   "joules_per_token"),
+                   "power_w", "joules_per_token"),
 }
 ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "commit", "sm_clock_mhz", "sm_clock_max_mhz")
 
@@ -27,15 +28,57 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def stage_logs(folder: Path) -> dict[str, list[str]]:
+    """Each stage's lines of gpu_check.log, between its `=== NAME (limit` and `=== NAME: exit` markers."""
+    log = folder / "gpu_check.log"
+    if not log.is_file():
+        return {}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in log.read_text(errors="replace").splitlines():
+        start = re.match(r"=== (\S+) \(limit \d+s\): ", line)
+        if start:
+            current = sections.setdefault(start.group(1), [])
+        elif re.match(r"=== \S+: exit \d+ after ", line):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+MAX_EVIDENCE = 8  # lines per failed stage: the summary must stay one screen
+
+
+def evidence(lines: list[str]) -> list[str]:
+    """What a failed or timed-out stage's log says went wrong: pytest's FAILED / ERROR lines, where a
+    KeyboardInterrupt (the stage's time limit) caught it, else its last line (a bench's exception)."""
+    found = [line for line in lines if re.match(r"(FAILED|ERROR) \S", line)]
+    for i, line in enumerate(lines):
+        if re.match(r"\S+:\d+: KeyboardInterrupt$", line):  # pytest: the test it was in
+            found.append("interrupted at " + line.rsplit(":", 1)[0])
+        elif line == "KeyboardInterrupt" and i >= 2:  # a Python traceback: its innermost frame
+            frame = next((f.strip() for f in reversed(lines[:i]) if f.strip().startswith("File ")), None)
+            found.append(f"interrupted at {frame}" if frame else "interrupted")
+    if not found:
+        found = [line for line in lines if line.strip()][-1:]
+    shown = found[:MAX_EVIDENCE]
+    if len(found) > MAX_EVIDENCE:
+        shown.append(f"... and {len(found) - MAX_EVIDENCE} more in gpu_check.log")
+    return shown
+
+
 def stages(folder: Path) -> list[str]:
     path = folder / "stages.tsv"
     if not path.is_file():
         return ["(no stages.tsv)"]
+    logs = stage_logs(folder)
     lines = []
     for line in path.read_text().splitlines():
         name, rc, seconds = line.split("\t")
         state = "ok" if rc == "0" else "TIMED OUT" if rc in ("124", "137") else f"FAILED (exit {rc})"
         lines.append(f"  {name:<18} {state:<16} {seconds:>4} s")
+        if rc != "0":
+            lines += [f"      {e[:150]}" for e in evidence(logs.get(name, []))]
     return lines
 
 

@@ -5,7 +5,8 @@
 
 For every machine and precision (device, CPU or GPU name, precision) in the rows: one table of preset x
 architecture x mix with tokens/s (real tokens) per implementation, XLT / HF and MoE / dense ratios (medians
-of the per-repeat ratios, with their range), MFU and peak memory; the skipped arms with their reasons; and
+of the per-repeat ratios, with their range), MFU and peak memory (and on NVIDIA GPUs energy per real token and
+average power); the skipped arms with their reasons; and
 three plots: tokens/s vs active parameters, peak memory vs parameters, and the cost exponent vs parameters
 (the local slope d ln(seconds per real token) / d ln(active parameters) between consecutive sizes: 1.0 means
 the cost grows as fast as the parameters). When a key (machine, precision, preset, architecture, mix,
@@ -99,10 +100,12 @@ def table(rows: list[dict]) -> list[str]:
         groups[(r["dense_twin"], r["arch"], r["mix"])][r["impl"]] = r
     order = sorted(groups, key=lambda k: (_size_of(groups[k]), k[0], ARCH_ORDER.index(k[1]) if k[1] in ARCH_ORDER
                                           else 9, MIX_ORDER.index(k[2]) if k[2] in MIX_ORDER else 9))
+    # Energy (NVIDIA GPUs only: nvidia-ml-py's board energy counter) gets its columns where a row has it.
+    energy = any(r.get("joules_per_token") is not None for r in rows)
     out = ["| preset | arch | mix | active params | real tok/step (padding) | XLT tok/s | XLT-torch tok/s | HF tok/s "
            "| XLT / HF | XLT-torch / HF | MoE / dense step time (XLT) | XLT step ms (min-max) | MFU XLT | "
-           "peak MiB XLT / HF |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "peak MiB XLT / HF |" + (" mJ / real token XLT / HF | W XLT / HF |" if energy else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if energy else "")]
     for key in order:
         by = groups[key]
         ref = next(iter(by.values()))
@@ -119,8 +122,17 @@ def table(rows: list[dict]) -> list[str]:
                    f"{_num((x or {}).get('tokens_per_s'))} | {_num((xt or {}).get('tokens_per_s'))} | "
                    f"{_num((h or {}).get('tokens_per_s'))} | {_vs_hf(x)} | {_vs_hf(xt)} | "
                    f"{_ratio((x or {}).get('step_time_vs_dense'))} | "
-                   f"{step} | {mfu} | {mem} |")
+                   f"{step} | {mfu} | {mem} |" + (_energy(x, h) if energy else ""))
     return out
+
+
+def _energy(x: dict | None, h: dict | None) -> str:
+    def mj(r):
+        return "-" if not r or r.get("joules_per_token") is None else f"{1e3 * r['joules_per_token']:.3g}"
+
+    def watts(r):
+        return "-" if not r or r.get("power_w") is None else f"{r['power_w']:.0f}"
+    return f" {mj(x)} / {mj(h)} | {watts(x)} / {watts(h)} |"
 
 
 ABLATIONS = {  # ablation impl -> (the ratio field on the xlt row, the table's title)

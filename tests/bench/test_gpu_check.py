@@ -1,11 +1,14 @@
 """bench/gpu_check.sh cannot run without a GPU; what can be checked here is checked: the script parses, its
 stage limits add up to the 8 minutes it promises, every bench it calls exists and takes the options it is
-given, what it imports needs no `datasets` (the GPU machines have none), and the summary reads its folder."""
+given, what it imports needs no `datasets` (the GPU machines have none), a stage stopped at its limit still
+reports what it met, and the summary reads its folder."""
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -56,3 +59,34 @@ def test_the_summary_reads_a_check_folder(tmp_path):
     assert "pytest: 1 failed, 4 passed in 80.1s" in out
     assert "impl=xlt mode=fwd_bwd tflops=412.3 max_err=0.002" in out
     assert "[skipped: flash-attn is not installed]" in out and "gpu=NVIDIA H200" in out
+
+
+def _stage_function() -> str:
+    """The script's own `stage` function, to run it here on commands that stand in for the GPU's."""
+    return re.search(r"^stage\(\) \{.*?^\}$", SCRIPT.read_text(), re.M | re.S).group(0)
+
+
+@pytest.mark.slow  # two stages run to their limits (8 s and 3 s)
+def test_a_stage_stopped_at_its_limit_still_reports_what_it_met(tmp_path):
+    # A pytest stage that fails one test and then hangs in the next, and a bench that hangs in a function, each
+    # stopped at its limit by the script's own `stage`. The launcher may ignore SIGINT / SIGTERM (a background
+    # job does): `trap '' INT TERM` stands in for it.
+    (tmp_path / "test_stand_in.py").write_text(
+        "import time\n\ndef test_fails():\n    assert 1 == 2, 'wrong'\n\n"
+        "def test_hangs():\n    time.sleep(120)\n")
+    bench = "import time\n\ndef step():\n    time.sleep(120)\n\nstep()\n"
+    script = "\n".join([
+        "trap '' INT TERM", f"LOG={tmp_path}/gpu_check.log", f"STATUS={tmp_path}/stages.tsv", _stage_function(),
+        f"cd {tmp_path}",
+        f"stage kernel-tests-1 8 {sys.executable} -m pytest test_stand_in.py -q -p no:cacheprovider -rfE",
+        f"stage throughput 3 {sys.executable} -c '{bench}'"])
+    subprocess.run(["bash", "-c", script], check=True, timeout=60, capture_output=True)
+    rcs = dict(line.split("\t")[:2] for line in (tmp_path / "stages.tsv").read_text().splitlines())
+    assert rcs == {"kernel-tests-1": "124", "throughput": "124"}  # stopped by the limit, not by the kill after it
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_summary", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    out = proc.stdout
+    assert "FAILED test_stand_in.py::test_fails - AssertionError: wrong" in out, out
+    assert f"interrupted at {tmp_path}/test_stand_in.py" in out, out  # the test it was in when its time ran out
+    assert 'interrupted at File "<string>", line 4, in step' in out, out
+    assert "pytest: 1 failed" in out, out

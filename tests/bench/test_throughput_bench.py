@@ -93,6 +93,19 @@ def test_report_takes_several_commits_and_keeps_each_runs_method():
     assert "new sequences each pass" in "".join(bench_report.runs(kept))
 
 
+def test_the_table_shows_energy_where_rows_have_it():
+    def row(impl, **kw):
+        return {"bench": "throughput", "device": "cuda", "gpu": "NVIDIA H200", "preset": "xlmr-base",
+                "dense_twin": "xlmr-base", "arch": "dense", "mix": "xnli", "impl": impl, "tokens_per_s": 1e5,
+                "step_ms": 10.0, "step_ms_min": 9.0, "step_ms_max": 11.0, "active_parameters": 2.8e8,
+                "real_tokens_per_step": 4000, "padding_share": 0.5} | kw
+    gpu = [row("xlt", joules_per_token=0.00123, power_w=612.4), row("hf", joules_per_token=0.0031, power_w=540.0)]
+    text = "\n".join(bench_report.table(gpu))
+    assert "mJ / real token XLT / HF | W XLT / HF |" in text and "| 1.23 / 3.1 | 612 / 540 |" in text
+    cpu = [{k: v for k, v in r.items() if k not in ("joules_per_token", "power_w")} | {"device": "cpu"} for r in gpu]
+    assert "mJ / real token" not in "\n".join(bench_report.table(cpu))  # no energy counter: no empty columns
+
+
 def test_cost_exponent_is_the_slope_of_seconds_per_token():
     # 4x the parameters at a quarter of the tokens/s: cost grows as fast as the parameters
     (x, slope), = bench_report.cost_exponents([(1e6, 100.0), (4e6, 25.0)])
