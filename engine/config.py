@@ -28,6 +28,9 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where the hardware computes it natively
     console: bool = True
+    # Also write each phase's logged metrics as TensorBoard events in its folder (`tensorboard --logdir <out>`
+    # shows every phase; a study's folder, every cell). Needs `pip install tensorboard`.
+    tensorboard: bool = False
     # Never lose work: every phase's training state is checkpointed every `checkpoint_every` steps (and at its
     # end) under <phase>/state/, the newest `keep_checkpoints` kept; `--resume` continues a killed run from there.
     # A finished phase's state is deleted (its best weights stay in <phase>/checkpoint/) unless keep_finished_state.
@@ -202,7 +205,9 @@ def _coerce(value, typ, where: str):
     raise TypeError(f"unsupported config type {typ} at {where}")
 
 
-def _set(obj, key: str, value, where: str) -> None:
+def _set(obj, key: str, value, where: str, merge: bool = False) -> None:
+    """obj.key = value, typed. With `merge` (a command-line option), a table is merged key by key into the one
+    it overrides, as a recipe's tables are into those of the recipe it extends."""
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         known = ", ".join(f.name for f in fields(obj))
@@ -212,8 +217,10 @@ def _set(obj, key: str, value, where: str) -> None:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a [{key}] table")
         for k, v in value.items():
-            _set(current, k, v, f"{where}.{k}")
+            _set(current, k, v, f"{where}.{k}", merge)
         return
+    if merge and isinstance(current, dict) and isinstance(value, dict):
+        value = _merge(current, value)
     setattr(obj, key, _coerce(value, hints[key], where))
 
 
@@ -247,7 +254,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load(path: str | None, overrides: list[tuple[str, str]]) -> Config:
-    """Defaults <- TOML file (and the files it extends) <- `--section.key value` overrides."""
+    """Defaults <- TOML file (and the files it extends) <- `--section.key value` overrides. A table on the command
+    line (`--target.overrides '{syn-pos = {epochs = 1}}'`) is merged into the file's, not put in its place."""
     cfg = Config()
     if path is not None:
         for section, value in read_toml(path).items():
@@ -265,7 +273,7 @@ def load(path: str | None, overrides: list[tuple[str, str]]) -> Config:
         if not is_dataclass(target) or not hasattr(target, section) or not is_dataclass(getattr(target, section)):
             raise ConfigError(f"--{dotted}: unknown section {section!r}; sections: "
                               f"{', '.join(f.name for f in fields(Config))}")
-        _set(getattr(target, section), key, _parse_literal(raw), f"--{dotted}")
+        _set(getattr(target, section), key, _parse_literal(raw), f"--{dotted}", merge=True)
     return cfg
 
 

@@ -129,7 +129,7 @@ def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, m
                       eval_every=max(1, per_epoch // first.evals_per_epoch), bf16=bf16,
                       checkpoint_every=run.checkpoint_every, max_skipped=run.max_skipped_steps)
     checkpoints = Checkpoints(out / "state", run.keep_checkpoints)
-    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console)
+    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console, run.tensorboard)
     result = train_loop(model, mixed, loop, logger, evaluate=dev_scores, checkpoints=checkpoints)
     best_parts = max(evaluated, key=lambda e: e[0])[1]  # the first best, as train_loop keeps it
     return model, {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,

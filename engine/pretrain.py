@@ -166,10 +166,11 @@ def default_cache_dir() -> Path:
 
 def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, seed: int, cache_dir: Path | None,
              log_dir: Path | None = None, bf16: bool = False, device: torch.device = torch.device("cpu"),
-             checkpoint_every: int = 0) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
+             checkpoint_every: int = 0, tensorboard: bool = False) -> tuple[Encoder, PreTrainedTokenizerFast, dict]:
     """Return (encoder, tokenizer, info), from the cache when this exact pretraining was done before.
     The encoder is returned on the CPU. With log_dir, its training state is checkpointed under
-    log_dir/state (every checkpoint_every steps) and a killed pretraining continues from there."""
+    log_dir/state (every checkpoint_every steps) and a killed pretraining continues from there; with
+    tensorboard too, its metrics are written there as TensorBoard events."""
     key = cache_key(world, model_cfg, cfg, seed, bf16)
     target = cache_dir / f"pretrain-{key}" if cache_dir is not None else None
     if target is not None and (target / "done.json").exists():
@@ -190,7 +191,7 @@ def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, se
     model = TaskModel(encoder, make_head("mlm", model_cfg, encoder)).to(device)
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                       log_every=cfg.log_every, bf16=bf16, checkpoint_every=checkpoint_every)
-    logger = PhaseLogger("pretrain", log_dir / "metrics.jsonl" if log_dir else None)
+    logger = PhaseLogger("pretrain", log_dir / "metrics.jsonl" if log_dir else None, tensorboard=tensorboard)
     checkpoints = Checkpoints(log_dir / "state") if log_dir is not None else None
     stream = mlm_stream(sequences, tokenizer, cfg.batch_size, cfg.mask_prob, seed, cfg.micro_batches)
     result = train_loop(model, stream, loop, logger, checkpoints=checkpoints)

@@ -1,4 +1,5 @@
-"""Progress and metrics: a tqdm bar on a terminal, one console line per log step, JSONL always."""
+"""Progress and metrics: a tqdm bar on a terminal, one console line per log step, JSONL always, and TensorBoard
+events when asked for (`run.tensorboard`: the numeric fields of each line as scalars, in the phase's folder)."""
 from __future__ import annotations
 
 import json
@@ -17,11 +18,13 @@ def _clock(seconds: float) -> str:
 
 
 class PhaseLogger:
-    def __init__(self, phase: str, jsonl: Path | None = None, console: bool = True):
+    def __init__(self, phase: str, jsonl: Path | None = None, console: bool = True, tensorboard: bool = False):
         self.phase = phase
         main = current().is_main  # under torchrun, rank 0 alone logs
         self.jsonl = jsonl if main else None
         self.console = console and main
+        self.tensorboard = tensorboard and self.jsonl is not None  # events go next to the JSONL
+        self.writer = None
         self.total = 0
         self.bar = None
         self.t0 = time.perf_counter()
@@ -32,6 +35,16 @@ class PhaseLogger:
         self.total, self.t0 = total_steps, time.perf_counter()
         if self.console and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=done, desc=self.phase, leave=False, dynamic_ncols=True)
+        if self.tensorboard:
+            # A resumed phase logs again from step done + 1: purge_step hides the events a killed run wrote
+            # after its checkpoint, as truncate() drops its JSONL lines.
+            self._open_writer(purge_step=done + 1 if done else None)
+
+    def _open_writer(self, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # only when asked for: tensorboard is optional
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = SummaryWriter(str(self.jsonl.parent), purge_step=purge_step)
 
     def size(self) -> int:
         """Bytes logged so far (a checkpoint records it, so that a resumed phase logs from there again)."""
@@ -52,6 +65,13 @@ class PhaseLogger:
         if self.jsonl is not None:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard and "step" in fields:
+            if self.writer is None:
+                self._open_writer()
+            for key, value in fields.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, fields["step"])
+            self.writer.flush()  # as the JSONL line is: a killed run loses nothing it logged
         if not self.console:
             return
         parts = [f"[{self.phase}]"]
@@ -84,6 +104,9 @@ class PhaseLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def say(message: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import platform
@@ -196,6 +197,9 @@ def _check_model(cfg: Config) -> int:
         resolve_device(cfg.run.device)
     except RuntimeError as e:
         raise ConfigError(f"run.device: {e}") from None
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard: true needs the tensorboard package: pip install tensorboard (or "
+                          "xlt[tensorboard]); or set run.tensorboard = false")
     if cfg.run.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"run.precision: {cfg.run.precision!r}: expected auto, fp32 or bf16")
     if cfg.run.distributed not in distributed.MODES:
@@ -486,7 +490,7 @@ def finetune(model: TaskModel, task: TaskSpec, task_data: TaskData, ft: Finetune
                       grad_clip=ft.grad_clip, log_every=ft.log_every,
                       eval_every=max(1, per_epoch // ft.evals_per_epoch), bf16=bf16,
                       checkpoint_every=run.checkpoint_every, max_skipped=run.max_skipped_steps)
-    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console)
+    logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console, run.tensorboard)
     result = train_loop(model, stream, loop, logger, evaluate=dev_score,
                         checkpoints=Checkpoints(out / "state", run.keep_checkpoints))
     meta = {"task": task.name, "format": task.format, "labels": list(task.labels), "best_step": result.best_step,
@@ -622,7 +626,8 @@ def pretrained_encoder(cfg: Config, p: Plan, out: Path, device: torch.device, bf
         shutil.rmtree(out / "pretrain" / "state", ignore_errors=True)
     distributed.barrier()
     encoder, tokenizer, info = pretrain(p.world, encoder_config(cfg.model), cfg.pretrain, cfg.run.seed, cache,
-                                        out / "pretrain", bf16, device, cfg.run.checkpoint_every)
+                                        out / "pretrain", bf16, device, cfg.run.checkpoint_every,
+                                        tensorboard=cfg.run.tensorboard)
     if not cfg.run.keep_finished_state and distributed.current().is_main:
         shutil.rmtree(out / "pretrain" / "state", ignore_errors=True)
     return encoder, tokenizer, info
@@ -653,7 +658,8 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 # ----- the study ---------------------------------------------------------------------------------------------
 def check_resume(out: Path, resolved: Config) -> None:
-    """--resume: --out must hold a run of this very configuration (what may differ: console and threads)."""
+    """--resume: --out must hold a run of this very configuration (what may differ: how it reports and how many
+    threads it uses: console, tensorboard, threads)."""
     saved_path = out / "config.toml"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.toml); run without --resume")
@@ -661,7 +667,7 @@ def check_resume(out: Path, resolved: Config) -> None:
         saved = load(str(saved_path), [])
     except ConfigError as e:
         raise ConfigError(f"--resume: {saved_path} cannot be read: {e}") from None
-    ignore = {("run", "console"), ("run", "threads")}
+    ignore = {("run", "console"), ("run", "tensorboard"), ("run", "threads")}
     diffs = []
     for section in fields(resolved):
         ours, theirs = getattr(resolved, section.name), getattr(saved, section.name)

@@ -95,7 +95,7 @@ def load_study(path: str | None, overrides: list[tuple[str, str]]) -> StudyConfi
         section, _, key = dotted.partition(".")
         if section != "study" or not key or "." in key:
             raise ConfigError(f"--{dotted}: study options take the form --study.key value")
-        _set(root.study, key, _parse_literal(raw), f"--{dotted}")
+        _set(root.study, key, _parse_literal(raw), f"--{dotted}", merge=True)  # a table joins the recipe's
     return root.study
 
 

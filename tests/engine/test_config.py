@@ -129,3 +129,22 @@ def test_recipes_extend_each_other(tmp_path):
     (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
     with pytest.raises(C.ConfigError, match=r"orphan.toml: extends .*gone.toml: no such file"):
         C.load(str(tmp_path / "orphan.toml"), [])
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["--run.tensorboard", "true", "--out", str(out)]) == 2
+    assert "run.tensorboard: true needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_table_on_the_command_line_merges_into_the_defaults_and_the_file(tmp_path):
+    cfg = C.load(None, [("target.overrides", "{syn-pos = {epochs = 1}}")])
+    assert cfg.target.overrides == {"syn-xquad": {"lr": 1e-3}, "syn-pos": {"epochs": 1}}  # syn-xquad's lr kept
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[target.overrides]\nsyn-panx = { lr = 5e-4, epochs = 3.0 }\n")
+    cfg = C.load(str(recipe), [("target.overrides", "{syn-panx = {epochs = 1.0}}")])
+    assert cfg.target.overrides == {"syn-panx": {"lr": 5e-4, "epochs": 1.0}}  # the file's table replaces the defaults'

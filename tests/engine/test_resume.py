@@ -1,7 +1,9 @@
 """Never lose work: a run killed with a real SIGKILL (in the middle of a phase, and while a checkpoint is being
 written) and resumed with --resume gives bit for bit what the uninterrupted run gives: weights, optimizer
-state, logged losses, scores. A corrupt checkpoint is reported and the one before it is used. A non-finite
-step is skipped, and too many in a row stop the phase with the last checkpoint intact."""
+state, logged losses (in the JSONL and in the TensorBoard events), scores. A corrupt checkpoint is reported and
+the one before it is used. A non-finite step is skipped, and too many in a row stop the phase with the last
+checkpoint intact."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -25,6 +27,9 @@ ARGS = ["--world.languages", "en,qsv", "--world.sizes", SIZES, "--model.preset",
         "--intermediate.epochs", "1", "--intermediate.batch_size", "16", "--intermediate.log_every", "3",
         "--run.precision", "fp32", "--run.threads", "1", "--run.console", "false", "--run.cache_dir", "none",
         "--run.checkpoint_every", "5", "--run.keep_finished_state", "true"]
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # in the dev extras; optional elsewhere
+if TENSORBOARD:
+    ARGS += ["--run.tensorboard", "true"]
 
 # A child that runs engine.train and SIGKILLs itself at a chosen point: when the n-th checkpoint of a phase is
 # saved (mode "after"), or between writing a checkpoint's temporary file and renaming it (mode "during").
@@ -75,6 +80,26 @@ def _losses(path: Path):
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())]
 
 
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of one phase's folder, as TensorBoard shows them (a resumed writer's purge
+    applied): tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _same_curve_in_tensorboard(phase_dir: Path):
+    """Every numeric field of the JSONL, at every step, once, in the events (stored as float32)."""
+    records = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+    events = _events(phase_dir)
+    tags = [t for t in ("loss", "lr", "tokens_per_s", "dev_score") if any(t in r for r in records)]
+    assert "loss" in tags and "lr" in tags
+    for tag in tags:
+        logged = [(r["step"], r[tag]) for r in records if tag in r]
+        assert [(s, pytest.approx(v, rel=1e-6)) for s, v in logged] == events.get(tag), (phase_dir, tag)
+
+
 def _final_state(phase_dir: Path) -> dict:
     steps = sorted((phase_dir / "state").glob("step-*.pt"))
     return torch.load(steps[-1], weights_only=True)
@@ -93,6 +118,9 @@ def _same_run(a: Path, b: Path):
     assert ra["scores"] == rb["scores"]  # final scores, bit for bit
     for phase in ("pretrain", "baseline/syn-xnli", "syn-mnli/intermediate-syn-mnli", "syn-mnli/syn-xnli"):
         assert _losses(a / phase / "metrics.jsonl") == _losses(b / phase / "metrics.jsonl"), phase
+        if TENSORBOARD:
+            _same_curve_in_tensorboard(a / phase)
+            _same_curve_in_tensorboard(b / phase)  # the resumed run's events, after the killed run's
     for phase in ("baseline/syn-xnli", "syn-mnli/intermediate-syn-mnli", "syn-mnli/syn-xnli"):
         wa, wb = load_file(a / phase / "checkpoint" / "model.safetensors"), load_file(b / phase / "checkpoint" /
                                                                                        "model.safetensors")

@@ -151,3 +151,19 @@ def test_submitit_launcher_runs_cells(tmp_path):
     assert main(["--config", str(path), "--out", str(out)]) == 0
     assert (out / "cells" / "tiny" / "dense" / "seed-0" / "baseline" / "results.json").is_file()
     assert json.loads((out / "status.json").read_text())["tiny/dense/seed-0/baseline"]["state"] == "done"
+
+
+def test_a_table_on_the_command_line_joins_the_recipes_table():
+    """The documented command (recipes/study-xlmr.toml's head) adds data.dir to the recipe's overrides; it must
+    not drop the recipe's own (GPU, bf16, the MLM text): tables given on the command line merge, key by key."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "study-xlmr.toml")
+    base_xnli = '{"xlm-roberta-base" = {"target.overrides" = {xnli = {lr = 1e-5}}}}'
+    s = load_study(recipe, [("study.overrides", '{"data.dir" = "DATA"}'), ("study.size_overrides", base_xnli)])
+    assert s.overrides == {"run.device": "cuda", "run.precision": "bf16", "multitask.mlm_dir": "mlm-text",
+                           "data.dir": "DATA"}
+    base = s.size_overrides["xlm-roberta-base"]
+    assert base["target.overrides"]["xnli"] == {"lr": 1e-5} and base["target.overrides"]["udpos"] == {"epochs": 10.0}
+    assert base["eval.retrieval_layer"] == 8
+    assert s.size_overrides["facebook/xlm-roberta-xl"]["eval.retrieval_layer"] == 21
