@@ -3,11 +3,12 @@
 The research question as one command: model size x architecture (dense / MoE) x intermediate condition x
 seed. Each cell is one `python -m engine.train` run in its own folder (`<out>/cells/<size>/<arch>/seed-<s>/
 <condition>/`); a cell whose results.json exists is never redone, so rerunning a study picks up where it
-stopped. Cells run as independent processes: `--workers N` locally (each with cores / N threads), or through
-submitit (`study.launcher = "submitit"`: SLURM on a cluster, its local executor elsewhere). A failing cell
-is reported and does not stop the others. After every finished cell the report is rewritten
-(engine/study_report.py: report.md, cells.csv, summary.csv, deltas.csv, plots/*.png). Exit code 0 when every
-cell is done, 1 when some failed, 2 for a bad study configuration.
+stopped. Cells run as independent processes: `--workers N` locally (each with cores / N threads and, where CUDA
+devices are visible, a GPU of its own: worker k's cells see the k-th device, round-robin when there are more
+workers than devices), or through submitit (`study.launcher = "submitit"`: SLURM on a cluster, its local
+executor elsewhere). A failing cell is reported and does not stop the others. After every finished cell the
+report is rewritten (engine/study_report.py: report.md, cells.csv, summary.csv, deltas.csv, plots/*.png). Exit
+code 0 when every cell is done, 1 when some failed, 2 for a bad study configuration.
 
 Cells that share a pretraining (same preset, architecture and seed; an upcycled MoE shares its dense
 pretraining) run one first, so the others find it in the cache instead of pretraining it again side by side.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -211,15 +213,44 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices the cells may use: CUDA_VISIBLE_DEVICES's entries where it is set (a negative one hides
+    the rest, as CUDA reads it), else every device torch counts."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        gpus = []
+        for d in (d.strip() for d in env.split(",")):
+            if not d or d.startswith("-"):
+                break
+            gpus.append(d)
+        return gpus
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def run_local(cells: list[Cell], s: StudyConfig, out: Path, status: Status, finished) -> None:
+    # One slot per worker; a cell takes a free slot and, where there are GPUs, that slot's GPU alone: without
+    # it every cell's run.device = "cuda" would be the first GPU.
+    gpus = visible_gpus()
+    slots: queue.Queue = queue.Queue()
+    for k in range(s.workers):
+        slots.put(k)
+
     def one(cell: Cell) -> tuple[Cell, int, float]:
         log = out / "logs" / f"{cell.id.replace('/', '-')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        slot = slots.get()
+        env = os.environ | ({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {})
         start = time.perf_counter()
-        with open(log, "w") as f:
-            proc = subprocess.Popen(train_command(cell_args(cell, s, out)), stdout=f, stderr=subprocess.STDOUT)
-            status.set(cell, state="running", pid=proc.pid, log=str(log))
-            code = proc.wait()
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.Popen(train_command(cell_args(cell, s, out)), stdout=f, stderr=subprocess.STDOUT,
+                                        env=env)
+                status.set(cell, state="running", pid=proc.pid, log=str(log),
+                           **({"gpu": env["CUDA_VISIBLE_DEVICES"]} if gpus else {}))
+                code = proc.wait()
+        finally:
+            slots.put(slot)
         return cell, code, time.perf_counter() - start
 
     with ThreadPoolExecutor(max_workers=s.workers) as pool:

@@ -167,3 +167,33 @@ def test_a_table_on_the_command_line_joins_the_recipes_table():
     assert base["target.overrides"]["xnli"] == {"lr": 1e-5} and base["target.overrides"]["udpos"] == {"epochs": 10.0}
     assert base["eval.retrieval_layer"] == 8
     assert s.size_overrides["facebook/xlm-roberta-xl"]["eval.retrieval_layer"] == 21
+
+
+def test_local_workers_each_get_a_gpu_of_their_own(tmp_path, monkeypatch):
+    """--workers N on a machine with GPUs: cells running at the same time never share a device (every cell's
+    run.device = "cuda" would otherwise be the first GPU), and every device is used. Cells here stand in for
+    engine.train: each records the CUDA_VISIBLE_DEVICES it was given and when it ran."""
+    import sys
+
+    from engine import study
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert study.visible_gpus() == ["3", "5"]
+    record = ("import json, os, sys, time; t0 = time.time(); time.sleep(0.4); "
+              "open(sys.argv[1], 'w').write(json.dumps([os.environ['CUDA_VISIBLE_DEVICES'], t0, time.time()]))")
+    monkeypatch.setattr(study, "train_command", lambda args: [sys.executable, "-c", record, *args])
+    monkeypatch.setattr(study, "cell_args", lambda cell, s, out: [str(out / f"{cell.seed}.json")])
+    cells = [Cell("tiny", "dense", "baseline", seed) for seed in range(6)]
+    s = study.StudyConfig(workers=2)
+    done = []
+    study.run_local(cells, s, tmp_path, study.Status(tmp_path / "status.json", cells),
+                    lambda cell, code, seconds: done.append(code))
+    assert done == [0] * 6
+    runs = [json.loads((tmp_path / f"{c.seed}.json").read_text()) for c in cells]
+    assert {gpu for gpu, _, _ in runs} == {"3", "5"}
+    for i, (gpu, start, end) in enumerate(runs):
+        for other_gpu, other_start, other_end in runs[i + 1:]:
+            if start < other_end and other_start < end:  # ran at the same time
+                assert gpu != other_gpu
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,2")
+    assert study.visible_gpus() == ["1"]  # CUDA stops reading at an invalid entry
