@@ -40,6 +40,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     keep_finished_state: bool = False
     max_skipped_steps: int = 10  # consecutive non-finite steps (skipped, no update) that stop a phase
+    # Under torchrun: how long a rank waits in a collective before the job is aborted. The other ranks wait at a
+    # barrier while rank 0 evaluates a phase on the test sets; NCCL's own default (10 min) is shorter than that
+    # takes for a large model on XTREME.
+    collective_timeout_min: int = 240
 
 
 @dataclass

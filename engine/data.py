@@ -258,16 +258,18 @@ class EpochStream:
 
 
 def micro_groups(group: list, micro_batches: int = 1) -> list[tuple[list, bool]]:
-    """This rank's share of a global batch's items, cut into micro-batches: [(items, dummy)]. A rank whose
-    share is empty (a last batch smaller than the world) gets one dummy micro-batch, which the step weighs 0
-    but runs, so that every rank takes part in the gradient reduction."""
+    """This rank's share of a global batch's items, cut into micro-batches: [(items, dummy)]. Every rank gets
+    the same number of micro-batches, k, set by the largest share: FSDP2 gathers each layer's weights in every
+    forward, so ranks that ran different numbers of forwards would wait on each other's collectives for ever.
+    A rank with fewer pieces (a smaller share; none, when a last batch is smaller than the world) fills up with
+    dummy micro-batches, which the step weighs 0 but runs."""
     d = distributed.current()
     local = distributed.local_part(group, d)
-    if not local:
-        return [(group[:1], True)]
-    k = max(1, min(micro_batches, len(local)))
-    size = -(-len(local) // k)
-    return [(local[i:i + size], False) for i in range(0, len(local), size)]
+    largest = -(-len(group) // d.world) if d.active else len(group)  # the first rank's share (strided)
+    k = max(1, min(micro_batches, largest))
+    size = -(-len(local) // k) if local else 1
+    parts = [(local[i:i + size], False) for i in range(0, len(local), size)]
+    return parts + [(group[:1], True)] * (k - len(parts))
 
 
 def training_stream(feats: list[dict], batch_size: int, pad_id: int, seed: int, micro_batches: int = 1,

@@ -7,8 +7,9 @@ on CPU and NCCL on GPUs (one GPU per rank, cuda:LOCAL_RANK).
 - `run.batch_size`-style settings stay global: every rank draws the same global batch and takes its own
   slice (`local_part`); gradients are normalised by the global number of loss terms (tokens or examples,
   summed over micro-batches and ranks: `global_count`), so 2 ranks x b give the gradient of 1 rank x 2b.
-- Rank 0 alone writes logs, predictions and results (`is_main`); every rank runs the same evaluation (FSDP2's
-  forward is collective), so the scores are the 1-process ones.
+- Rank 0 alone writes logs, predictions and results (`is_main`) and evaluates, on the plain model (under FSDP2
+  the trained weights are gathered into it first), so the scores are the 1-process ones; the other ranks wait
+  at a barrier meanwhile, for up to `run.collective_timeout_min`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -53,8 +55,9 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(mode: str, device_type: str) -> Dist:
-    """Join the process group torchrun prepared (once); mode "none" with one process is a no-op."""
+def setup(mode: str, device_type: str, timeout_min: int = 240) -> Dist:
+    """Join the process group torchrun prepared (once); mode "none" with one process is a no-op. `timeout_min`:
+    how long a collective may wait (rank 0 evaluates while the others wait at a barrier)."""
     global _CURRENT
     world = launched_world()
     if world > 1 and mode == "none":  # every process would act as rank 0 and write the same files
@@ -75,7 +78,7 @@ def setup(mode: str, device_type: str) -> Dist:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
     _CURRENT = Dist(mode, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return _CURRENT
 

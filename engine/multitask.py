@@ -112,16 +112,13 @@ def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, m
     steps = max(1, math.ceil(first.epochs * per_epoch / task_share))
     mixed = data.MixtureStream(streams, weights, seed)
 
-    evaluated: list[tuple[float, dict]] = []
-
-    def dev_scores():
+    def dev_scores():  # rank 0 alone evaluates; train_loop hands every rank the score and its parts
         scores = {}
         for task in tasks:
             rows, feats = feats_of[task.name]
             scores[task.name] = evaluate_task(model.views[task.name], task, rows, tokenizer, ft_by[task.name].max_len,
                                               eval_batch, "en", feats)[0]["score"]
-        evaluated.append((sum(scores.values()) / len(scores), scores))
-        return evaluated[-1]
+        return sum(scores.values()) / len(scores), scores
 
     torch.manual_seed(seed)
     loop = LoopConfig(steps=steps, lr=first.lr, warmup_ratio=first.warmup_ratio, warmup_steps=first.warmup_steps,
@@ -131,9 +128,8 @@ def train_multitask(encoder: Encoder, tasks: list[TaskSpec], task_data, ft_of, m
     checkpoints = Checkpoints(out / "state", run.keep_checkpoints)
     logger = PhaseLogger(f"{out.parent.name}/{out.name}", out / "metrics.jsonl", run.console, run.tensorboard)
     result = train_loop(model, mixed, loop, logger, evaluate=dev_scores, checkpoints=checkpoints)
-    best_parts = max(evaluated, key=lambda e: e[0])[1]  # the first best, as train_loop keeps it
     return model, {"steps": steps, "best_step": result.best_step, "dev_en": result.best_score,
-                   "dev_en_by_task": best_parts, "seconds": round(result.seconds, 2), "tokens": result.tokens,
+                   "dev_en_by_task": result.best_parts, "seconds": round(result.seconds, 2), "tokens": result.tokens,
                    "train_rows": examples, "mixture": weights, "seed": seed, "skipped_steps": result.skipped}
 
 

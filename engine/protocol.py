@@ -204,7 +204,8 @@ def _check_model(cfg: Config) -> int:
         raise ConfigError(f"run.precision: {cfg.run.precision!r}: expected auto, fp32 or bf16")
     if cfg.run.distributed not in distributed.MODES:
         raise ConfigError(f"run.distributed: {cfg.run.distributed!r}: expected one of {', '.join(distributed.MODES)}")
-    for key, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_skipped_steps", 1), ("threads", 0)):
+    for key, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_skipped_steps", 1), ("threads", 0),
+                     ("collective_timeout_min", 1)):
         if getattr(cfg.run, key) < low:
             raise ConfigError(f"run.{key}: must be >= {low}, got {getattr(cfg.run, key)}")
     if m.kernels not in ("auto", "torch", "triton"):
@@ -659,7 +660,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 # ----- the study ---------------------------------------------------------------------------------------------
 def check_resume(out: Path, resolved: Config) -> None:
     """--resume: --out must hold a run of this very configuration (what may differ: how it reports and how many
-    threads it uses: console, tensorboard, threads)."""
+    threads it uses and how long its ranks wait: console, tensorboard, threads, collective_timeout_min)."""
     saved_path = out / "config.toml"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.toml); run without --resume")
@@ -667,7 +668,7 @@ def check_resume(out: Path, resolved: Config) -> None:
         saved = load(str(saved_path), [])
     except ConfigError as e:
         raise ConfigError(f"--resume: {saved_path} cannot be read: {e}") from None
-    ignore = {("run", "console"), ("run", "tensorboard"), ("run", "threads")}
+    ignore = {("run", "console"), ("run", "tensorboard"), ("run", "threads"), ("run", "collective_timeout_min")}
     diffs = []
     for section in fields(resolved):
         ours, theirs = getattr(resolved, section.name), getattr(saved, section.name)
@@ -709,7 +710,7 @@ def run_study(cfg: Config, overwrite: bool = False, resume: bool = False) -> dic
             raise ConfigError(str(e)) from None
 
     device = resolve_device(cfg.run.device)
-    d = distributed.setup(cfg.run.distributed, device.type)
+    d = distributed.setup(cfg.run.distributed, device.type, cfg.run.collective_timeout_min)
     device = distributed.device_for(d, device)
     main = d.is_main  # rank 0 alone writes; the others train alongside it and wait at the phases' ends
     if main:

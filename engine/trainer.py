@@ -61,6 +61,7 @@ class LoopResult:
     tokens: int
     skipped: int = 0
     resumed_from: int | None = None
+    best_parts: dict | None = None  # the parts `evaluate` returned with the best score (every rank has them)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -163,7 +164,9 @@ class Checkpoints:
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this rank's own device only (torch.cuda.set_device chose it): the state of every visible GPU could not
+        # be restored where fewer are visible (a resume on 4 GPUs of a run on 8, or one GPU per SLURM task)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -172,7 +175,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class _Window:
@@ -305,7 +308,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
     def sync_model():
         if sharded:
             model.load_state_dict(distributed.full_model_state(trained))
-    best_score, best_step, best_state = -math.inf, None, None
+    best_score, best_step, best_state, best_parts = -math.inf, None, None, None
     first, tokens, loss_value, elapsed0, skipped, in_a_row, resumed = 1, 0, float("nan"), 0.0, 0, 0, None
     window = _Window(device)
     found = checkpoints.latest() if checkpoints is not None else None
@@ -318,6 +321,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
         skipped, in_a_row = t["skipped"], t["in_a_row"]
         best_step, loss_value = t["best_step"], t["loss_value"]
         best_score = t["best_score"] if best_step is not None else -math.inf
+        best_parts = t.get("best_parts")
         best_state = checkpoints.load_best(best_step) if best_step is not None else None
         window.restore(t["window"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
@@ -359,7 +363,10 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
             extra |= {f"loss_{task}": round(float(t[0]) / t[1], 6) for task, t in window.tasks.items()}
             if window.skipped:
                 extra["skipped_steps"] = window.skipped
-            router = getattr(getattr(model, "encoder", None), "router_stats", dict)()
+            # from the module that trains (under FSDP2 a copy of `model`, whose own stats are evaluation's or
+            # none), summed over the ranks' last micro-batches
+            encoder = getattr(getattr(trained, "module", trained), "encoder", None)  # .module: DDP's wrapper
+            router = encoder.router_stats(distributed.all_sum) if hasattr(encoder, "router_stats") else {}
             if router:
                 extra |= {"max_expert_load": round(router["max_load"], 3), "dropped": router["dropped"],
                           "tokens_per_expert": router["tokens_per_expert"]}
@@ -373,7 +380,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
             score, parts = score if isinstance(score, tuple) else (score, {})
             improved = score > best_score
             if improved:
-                best_score, best_step = score, step
+                best_score, best_step, best_parts = score, step, parts
                 best_state = copy.deepcopy(model.state_dict())
                 if checkpoints is not None:
                     checkpoints.save_best(step, best_state)
@@ -385,15 +392,23 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
                 "scheduler": sched.state_dict(),
                 "trainer": {"step": step, "tokens": tokens, "elapsed": time.perf_counter() - start,
                             "skipped": skipped, "in_a_row": in_a_row, "best_step": best_step,
-                            "best_score": best_score if best_step is not None else None, "loss_value": loss_value,
+                            "best_score": best_score if best_step is not None else None, "best_parts": best_parts,
+                            "loss_value": loss_value,
                             "window": window.state(), "log_bytes": logger.size()},
                 "rng": rngs if d.active else rngs[0], "data": batches.state()}, model, trained, opt)
     logger.close()
     sync_model()
+    if sharded:
+        # The copy's MoE layers keep their last losses with the graph (last_stats), whose FSDP2 hooks point back
+        # at the copy: a cycle through C++ autograd nodes that gc cannot see, keeping the copy, its gradients and
+        # the process group alive after the phase (tests/engine/dist_train.py counts gloo's threads).
+        for module in trained.modules():
+            if getattr(module, "last_stats", None):
+                module.last_stats = {}
     if best_state is not None:
         model.load_state_dict(best_state)
     return LoopResult(cfg.steps, best_score if best_step else None, best_step, loss_value,
-                      time.perf_counter() - start, tokens, skipped, resumed)
+                      time.perf_counter() - start, tokens, skipped, resumed, best_parts)
 
 
 def hold_freed_memory() -> bool:

@@ -355,17 +355,21 @@ class Encoder(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
 
-    def router_stats(self) -> dict:
+    def router_stats(self, reduce=None) -> dict:
         """The last forward's routing, summed over sparse layers: tokens per expert (per layer), the largest
-        expert load relative to a perfectly even one, and dropped assignments (capacity runs only)."""
+        expert load relative to a perfectly even one, and dropped assignments (capacity runs only); {} before
+        any forward. `reduce` (a tensor -> tensor function, e.g. a sum over data-parallel ranks) is applied
+        to the counts first."""
         moe = self.moe_layers()
-        if not moe:
+        if not moe or any(not m.last_stats for m in moe):
             return {}
-        counts = torch.stack([m.last_stats["tokens_per_expert"] for m in moe]).float()  # (layers, E)
+        reduce = reduce or (lambda t: t)
+        counts = reduce(torch.stack([m.last_stats["tokens_per_expert"] for m in moe]).float())  # (layers, E)
+        dropped = reduce(torch.stack([m.last_stats["dropped"] for m in moe]).sum().float())
         even = counts.sum(dim=1, keepdim=True).clamp(min=1) / counts.shape[1]
         return {"tokens_per_expert": counts.long().tolist(),
                 "max_load": float((counts / even).max()),
-                "dropped": int(sum(int(m.last_stats["dropped"]) for m in moe))}
+                "dropped": int(dropped)}
 
     def upcycled(self, num_experts: int, top_k: int, every: int = 1, router: str = "topk_softmax",
                  match: str = "active") -> "Encoder":

@@ -1,6 +1,7 @@
 """A training loop run for tests/engine/test_distributed.py, in one process or under torchrun: a tiny encoder
 with a pair head on the synthetic suite's NLI rows, no dropout, `--steps` steps of a global batch of 16 in
-`--micro` micro-batches per rank, optionally checkpointed / resumed in `--state`. Rank 0 writes the final weights
+`--micro` micro-batches per rank (`--batch`: another global batch; `--moe`: sparse FFNs), optionally checkpointed /
+resumed in `--state`. Rank 0 writes the final weights
 and the logged losses to `--out`. Every rank checks that shutdown() joined gloo's threads (it runs as many native
 threads after it as before setup; see engine.distributed.setup), and fails otherwise."""
 import argparse
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--state", default="")
     ap.add_argument("--every", type=int, default=0)
+    ap.add_argument("--moe", type=int, default=0, help="experts per layer (0: dense), top-2")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -40,7 +42,8 @@ def main() -> None:
     task = world.tasks["syn-xnli"]
     feats = featurize(task, rows, tokenizer, 64)
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=len(tokenizer), hidden_dropout=0.0, attention_dropout=0.0, kernel_backend="torch")
+    cfg = preset("tiny", vocab_size=len(tokenizer), hidden_dropout=0.0, attention_dropout=0.0, kernel_backend="torch",
+                 num_experts=args.moe)
     encoder = Encoder(cfg)
     model = TaskModel(encoder, make_head("pair", cfg, encoder, num_labels=3))
     stream = training_stream(feats, args.batch, tokenizer.pad_token_id, seed=0, micro_batches=args.micro)

@@ -102,6 +102,7 @@ def test_window_settings_are_checked_per_task(tmp_path):
     ([("model.arch", "moe"), ("model.moe_every", "7")], "model.moe_every: 7: expected 1..4"),
     ([("run.distributed", "mpi")], "run.distributed: 'mpi'"),
     ([("run.keep_checkpoints", "0")], "run.keep_checkpoints: must be >= 1"),
+    ([("run.collective_timeout_min", "0")], "run.collective_timeout_min: must be >= 1"),
     ([("target.micro_batches", "64")], r"target.micro_batches: must be in 1..batch_size \(32\)"),
     ([("pretrain.mask_prob", "1.5")], "pretrain.mask_prob must be in"),
 ])
