@@ -173,7 +173,11 @@ def pretrain(world: SyntheticWorld, model_cfg: EncoderConfig, cfg: MLMConfig, se
     tensorboard too, its metrics are written there as TensorBoard events."""
     key = cache_key(world, model_cfg, cfg, seed, bf16)
     target = cache_dir / f"pretrain-{key}" if cache_dir is not None else None
-    if target is not None and (target / "done.json").exists():
+    cached = target is not None and (target / "done.json").exists()
+    # Under torchrun every rank must take the same branch (training is collective): the cache is used only where
+    # every rank sees it (a cache local to each node may hold it on one node and not on another).
+    cached = bool(distributed.all_min(torch.tensor([int(cached)], device=device)).item())
+    if cached:
         say(f"[pretrain] reusing cached model {target}")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(target / "tokenizer")
         encoder = load_encoder(target / "encoder")

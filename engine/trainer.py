@@ -83,12 +83,22 @@ class Checkpoints:
         return sorted(found)
 
     def latest(self) -> tuple[dict, Path] | None:
-        for _, path in reversed(self._steps()):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True), path
-            except Exception as e:  # truncated, corrupt, or not a checkpoint: the previous one is used
-                say(f"[checkpoint] {path} cannot be read ({type(e).__name__}: {e}); using the one before it")
-        return None
+        """The newest readable checkpoint. Every rank calls it: rank 0 chooses and every rank loads its choice,
+        memory-mapped (under DDP each rank would otherwise hold a whole copy of model and optimizer states in
+        host memory at once); ranks choosing by themselves could resume from different steps."""
+        d = distributed.current()
+        chosen, state = None, None
+        if d.is_main:
+            for _, path in reversed(self._steps()):
+                try:
+                    state, chosen = _load(path), path
+                    break
+                except Exception as e:  # truncated, corrupt, or not a checkpoint: the previous one is used
+                    say(f"[checkpoint] {path} cannot be read ({type(e).__name__}: {e}); using the one before it")
+        chosen = distributed.broadcast_object(None if chosen is None else str(chosen))
+        if chosen is None:
+            return None
+        return (state if d.is_main else _load(Path(chosen))), Path(chosen)
 
     def _write(self, path: Path, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +144,11 @@ class Checkpoints:
         for _, old in self._steps()[:-self.keep]:
             old.unlink(missing_ok=True)
             shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)
+        kept = {n for n, _ in self._steps()}
+        for shards in self.folder.glob("step-*.dcp"):  # a run killed between a .dcp and its .pt left shards alone
+            if (m := re.fullmatch(r"step-(\d+)\.dcp", shards.name)) and int(m.group(1)) not in kept \
+                    and int(m.group(1)) <= step:
+                shutil.rmtree(shards, ignore_errors=True)
         # best weights still needed: those a kept checkpoint names (index.json: step -> best step), and any
         # newer than the newest checkpoint
         index_path = self.folder / "index.json"
@@ -159,6 +174,12 @@ class Checkpoints:
 
     def load_best(self, step: int) -> dict:
         return torch.load(self.folder / f"best-{step:08d}.pt", map_location="cpu", weights_only=True)
+
+
+def _load(path: Path) -> dict:
+    # mmap: tensors are read as pages are touched and shared by the ranks of a node (a private mapping: the
+    # optimizer's in-place updates never write to the file)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def rng_state() -> dict:

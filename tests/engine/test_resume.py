@@ -235,3 +235,16 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_checkpoint_intact(tmp_
     state, path = checkpoints.latest()
     assert path.name == "step-00000005.pt" and state["trainer"]["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_shards_left_without_their_checkpoint_are_pruned(tmp_path):
+    """FSDP2 writes step-<n>.dcp/ before step-<n>.pt: a run killed in between leaves shards no checkpoint names,
+    which the next save removes (a newer step's shards are left alone: they may be being written)."""
+    model = _Toy(nan_steps=set())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoints = Checkpoints(tmp_path / "state")
+    for n in (3, 9):
+        (tmp_path / "state" / f"step-{n:08d}.dcp").mkdir(parents=True)
+    checkpoints.save(5, {"trainer": {"best_step": None}}, model, model, opt)
+    names = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert "step-00000003.dcp" not in names and "step-00000009.dcp" in names and "step-00000005.pt" in names
