@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool would fail the thread count below
 
 import torch  # noqa: E402
 
