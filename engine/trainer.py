@@ -419,13 +419,6 @@ def train_loop(model: torch.nn.Module, batches: Iterator[dict], cfg: LoopConfig,
                 "rng": rngs if d.active else rngs[0], "data": batches.state()}, model, trained, opt)
     logger.close()
     sync_model()
-    if sharded:
-        # The copy's MoE layers keep their last losses with the graph (last_stats), whose FSDP2 hooks point back
-        # at the copy: a cycle through C++ autograd nodes that gc cannot see, keeping the copy, its gradients and
-        # the process group alive after the phase (tests/engine/dist_train.py counts gloo's threads).
-        for module in trained.modules():
-            if getattr(module, "last_stats", None):
-                module.last_stats = {}
     if best_state is not None:
         model.load_state_dict(best_state)
     return LoopResult(cfg.steps, best_score if best_step else None, best_step, loss_value,

@@ -243,4 +243,7 @@ class TaskModel(nn.Module):
             out["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
             out["task_loss"] = out["loss"]
             out["loss"] = out["loss"] + cfg.moe_balance_coef * out["balance_loss"] + cfg.moe_z_coef * out["z_loss"]
+            for m in moe:  # the losses' graph now lives in `out`; kept on the module it would outlive the step
+                # (under FSDP2, whose hooks point back at the module, as a cycle through autograd nodes gc cannot see)
+                m.last_stats = m.last_stats | {k: m.last_stats[k].detach() for k in ("balance_loss", "z_loss")}
         return out

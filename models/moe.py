@@ -168,7 +168,8 @@ class MoEFeedForward(nn.Module):
         return out
 
     def record(self, r: kmoe.Routing, dropped: torch.Tensor) -> None:
-        # balance_loss and z_loss keep their graph (the trainer adds them to the loss); the rest is detached.
+        # balance_loss and z_loss keep their graph (the task model adds them to the loss, then keeps them detached
+        # here); the rest is detached.
         self.last_stats = {"tokens_per_expert": r.tokens_per_expert.detach(), "balance_loss": r.balance_loss,
                            "z_loss": r.z_loss, "dropped": dropped.detach()}
 

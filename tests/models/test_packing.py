@@ -159,10 +159,10 @@ def test_first_token_only_gives_the_full_loss_and_gradients(gen, kind, head, lay
     monkeypatch_forward = lambda *a, **kw: calls.append(kw.get("first_token_only")) or real(*a, **kw)  # noqa: E731
     enc.forward = monkeypatch_forward
     short = model(batch)
-    g_short = _grads(model, short["loss"] + sum(m.last_stats["balance_loss"] for m in enc.moe_layers()))
+    g_short = _grads(model, short["loss"] + short.get("balance_loss", 0) * len(enc.moe_layers()))
     model.first_token_only = False
     full = model(batch)
-    g_full = _grads(model, full["loss"] + sum(m.last_stats["balance_loss"] for m in enc.moe_layers()))
+    g_full = _grads(model, full["loss"] + full.get("balance_loss", 0) * len(enc.moe_layers()))
     assert calls == [True, False]
     torch.testing.assert_close(short["loss"], full["loss"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(short["logits"], full["logits"], atol=1e-5, rtol=1e-5)
